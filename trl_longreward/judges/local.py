@@ -1,0 +1,178 @@
+"""In-process judge backends: many concurrent single requests are gathered into micro-batches for one model.
+
+The reward pipeline awaits `acomplete` from many tasks at once, one request each. A local model is fastest when it
+sees those requests together, so `BatchingJudge` queues them and a single worker task hands batches to the
+subclass's synchronous `_generate_batch`, run in a worker thread so that the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from trl_longreward.judges.base import ChatRequest, Judge, JudgeError
+
+__all__ = ["BatchingJudge"]
+
+BatchResult = list[str | JudgeError]
+
+
+@dataclass
+class _Pending:
+    """A queued request and the future its caller awaits (resolved with a text or a `JudgeError` value)."""
+
+    request: ChatRequest
+    future: asyncio.Future[str | JudgeError]
+
+
+class _Stop:
+    """Queue sentinel: the worker finishes what was queued before it, then exits."""
+
+
+class BatchingJudge(Judge):
+    """Base class of in-process backends that answer requests in micro-batches.
+
+    Subclasses implement `_generate_batch`, a blocking call that answers requests which all share one
+    `ChatRequest.sampling_key()`. It returns one entry per request: the text, or a `JudgeError` to fail only that
+    request. If it raises, every request of that batch gets a `JudgeError`. Only one `_generate_batch` runs at a time
+    (one worker), so a model needs no locking. Subclasses may add `completion_tokens` to `self.stats` themselves; the
+    base class counts requests and failures.
+
+    Args:
+        max_batch_size: the most requests handed to one `_generate_batch` call.
+        batch_wait_s: how long the worker waits for more requests after the first one of a batch arrives.
+    """
+
+    def __init__(self, *, max_batch_size: int = 8, batch_wait_s: float = 0.01) -> None:
+        super().__init__()
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self._queue: asyncio.Queue[_Pending | _Stop] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @abstractmethod
+    def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
+        """Answer `requests` (same sampling parameters, at most `max_batch_size`); runs in a worker thread."""
+
+    async def agenerate(self, requests: Sequence[ChatRequest]) -> list[str | JudgeError]:
+        """Queue every request for the batching worker and wait for all of them."""
+        if not requests:
+            return []
+        queue = self._ensure_worker()
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(request, loop.create_future()) for request in requests]
+        for item in pending:
+            queue.put_nowait(item)
+        return list(await asyncio.gather(*(item.future for item in pending)))
+
+    async def aclose(self) -> None:
+        """Answer what is already queued, then stop the worker. A later call starts a new one."""
+        worker, queue = self._worker, self._queue
+        self._worker = self._queue = self._loop = None
+        if worker is None or queue is None or worker.done():
+            return
+        if worker.get_loop() is not asyncio.get_running_loop():
+            worker.cancel()  # cannot await a task of another loop; the caller left that loop behind
+            return
+        queue.put_nowait(_Stop())
+        await worker
+
+    def _ensure_worker(self) -> asyncio.Queue[_Pending | _Stop]:
+        """Start the worker on the running loop, again if the previous loop ended (e.g. after `generate()`)."""
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done() or self._loop is not loop or self._queue is None:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(self._queue), name=f"{type(self).__name__}-batcher")
+        return self._queue
+
+    async def _run(self, queue: asyncio.Queue[_Pending | _Stop]) -> None:
+        """The worker: collect a micro-batch, answer it group by group, repeat until stopped."""
+        stopping = False
+        while not stopping:
+            first = await queue.get()
+            if isinstance(first, _Stop):
+                return
+            batch, stopping = await self._collect(queue, first)
+            try:
+                await self._answer(batch)
+            except BaseException:
+                # Cancelled (the loop is shutting down): no caller may wait forever on this batch or the queue.
+                self._fail_all(batch, "the judge's batching worker was stopped")
+                self._fail_queued(queue)
+                raise
+
+    async def _collect(self, queue: asyncio.Queue[_Pending | _Stop], first: _Pending) -> tuple[list[_Pending], bool]:
+        """Take what is pending (up to `max_batch_size`), waiting at most `batch_wait_s` for stragglers."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        batch = [first]
+        while len(batch) < self.max_batch_size:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if isinstance(item, _Stop):
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    async def _answer(self, batch: list[_Pending]) -> None:
+        """Split a micro-batch by sampling parameters (one `generate` call cannot mix them) and answer each group."""
+        groups: dict[tuple[float, int, float], list[_Pending]] = {}
+        for item in batch:
+            if not item.future.done():  # skip callers that were cancelled meanwhile
+                groups.setdefault(item.request.sampling_key(), []).append(item)
+        for group in groups.values():
+            results = await self._run_group([item.request for item in group])
+            failures = sum(isinstance(result, JudgeError) for result in results)
+            self.stats.add(requests=len(group), failures=failures)
+            for item, result in zip(group, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)
+
+    async def _run_group(self, requests: list[ChatRequest]) -> BatchResult:
+        """Run `_generate_batch` in a thread; turn an exception or a malformed answer into per-request errors."""
+        try:
+            results = await asyncio.to_thread(self._generate_batch, requests)
+        except Exception as exc:  # any backend failure fails this batch only, never the caller or the worker
+            return [self._batch_error(len(requests), exc) for _ in requests]
+        if not isinstance(results, list) or len(results) != len(requests):
+            got = len(results) if isinstance(results, list) else type(results).__name__
+            message = f"{type(self).__name__}._generate_batch returned {got} results for {len(requests)} requests"
+            return [JudgeError(message) for _ in requests]
+        return [r if isinstance(r, str | JudgeError) else JudgeError(f"non-text judge answer: {r!r}") for r in results]
+
+    def _batch_error(self, size: int, exc: Exception) -> JudgeError:
+        error = JudgeError(f"{type(self).__name__} ({self.model_id}) failed on a batch of {size}: {exc!r}")
+        error.__cause__ = exc
+        return error
+
+    @staticmethod
+    def _fail_all(batch: list[_Pending], reason: str) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(JudgeError(reason))
+
+    @classmethod
+    def _fail_queued(cls, queue: asyncio.Queue[_Pending | _Stop]) -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if isinstance(item, _Pending):
+                cls._fail_all([item], "the judge's batching worker was stopped")

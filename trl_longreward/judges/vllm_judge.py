@@ -1,0 +1,86 @@
+"""A judge that runs a chat model in-process with vLLM (GPU only; optional extra `trl-longreward[vllm]`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trl_longreward.judges.base import ChatRequest, JudgeError
+from trl_longreward.judges.local import BatchingJudge, BatchResult
+
+__all__ = ["VLLM_INSTALL_HINT", "VLLMJudge"]
+
+VLLM_INSTALL_HINT = 'pip install "trl-longreward[vllm]"'
+
+
+class VLLMJudge(BatchingJudge):
+    """Answer judge requests with an in-process `vllm.LLM`, whose scheduler batches large micro-batches well.
+
+    vLLM is imported only here, so this module imports fine without it.
+
+    Args:
+        model: a model path or hub id for `vllm.LLM`.
+        max_batch_size: the most requests handed to one `LLM.chat` call.
+        **llm_kwargs: passed to `vllm.LLM` (e.g. `gpu_memory_utilization`, `max_model_len`, `dtype`, `seed`).
+
+    Raises:
+        ImportError: vLLM is not installed (the message names the extra to install).
+    """
+
+    def __init__(self, model: str, *, max_batch_size: int = 256, **llm_kwargs: Any) -> None:
+        super().__init__(max_batch_size=max_batch_size)
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(f"VLLMJudge needs vLLM (and a CUDA GPU). Install it with: {VLLM_INSTALL_HINT}") from exc
+        self._sampling_params_cls = vllm.SamplingParams
+        self.llm = vllm.LLM(model=model, **llm_kwargs)
+        self.model_id = model
+        self._max_model_len = _max_model_len(self.llm)
+
+    def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
+        """One `LLM.chat` call; prompts too long for the model fail alone instead of failing the whole batch."""
+        first = requests[0]
+        results: BatchResult = [""] * len(requests)
+        runnable = []
+        for index, request in enumerate(requests):
+            error = self._check_length(request)
+            if error is None:
+                runnable.append(index)
+            else:
+                results[index] = error
+        if not runnable:
+            return results
+        params = self._sampling_params_cls(temperature=first.temperature, top_p=first.top_p, max_tokens=first.max_tokens)
+        conversations = [list(requests[index].messages) for index in runnable]
+        outputs = self.llm.chat(conversations, params, use_tqdm=False)
+        for index, output in zip(runnable, outputs, strict=True):
+            completion = output.outputs[0]
+            self.stats.add(completion_tokens=len(completion.token_ids))
+            results[index] = completion.text.strip()
+        return results
+
+    def _check_length(self, request: ChatRequest) -> JudgeError | None:
+        """vLLM rejects a whole `chat` call if one prompt is too long, so check each prompt first."""
+        if self._max_model_len is None:
+            return None
+        tokenizer = self.llm.get_tokenizer()
+        ids = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
+            ids = ids["input_ids"]
+        limit = self._max_model_len - request.max_tokens
+        if len(ids) <= limit:
+            return None
+        return JudgeError(
+            f"The judge prompt has {len(ids)} tokens, more than the judge's window allows ({limit} input tokens for "
+            f"{self.model_id} with max_tokens={request.max_tokens}); chunk the context smaller."
+        )
+
+
+def _max_model_len(llm: Any) -> int | None:
+    """The engine's context length, if this vLLM version exposes it where we look."""
+    for owner in (getattr(llm, "llm_engine", None), llm):
+        config = getattr(owner, "model_config", None)
+        value = getattr(config, "max_model_len", None)
+        if isinstance(value, int):
+            return value
+    return None

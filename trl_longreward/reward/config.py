@@ -1,0 +1,164 @@
+"""`LongRewardConfig`: every knob of the LongReward pipelines, with the paper's values as defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DIMENSIONS = ("helpfulness", "logicality", "faithfulness", "completeness")
+
+
+@dataclass
+class LongRewardConfig:
+    r"""
+    Configuration of [`LongRewardFunction`].
+
+    Parameters:
+        > Judge (used when no judge object is passed to the reward function)
+
+        judge_backend (`str`, defaults to `"openai"`):
+            `"openai"`: any OpenAI-compatible endpoint (`vllm serve`, `transformers serve`, a hosted API);
+            `"transformers"`: an in-process transformers model; `"vllm"`: in-process `vllm.LLM`.
+        judge_model (`str` or `None`): Model name at the endpoint, or a local path / Hub id for in-process backends.
+            `None` with an in-process backend means the embedded SmolLM2-135M-Instruct.
+        judge_base_url (`str` or `None`): Base URL of the OpenAI-compatible endpoint, e.g. `http://127.0.0.1:8000/v1`.
+        judge_api_key_env (`str`): Name of the environment variable holding the API key. The key itself is never a
+            config value, so it can never be written to a saved config, checkpoint or model card.
+        judge_max_concurrency (`int`): Judge calls in flight at once (per process).
+        judge_timeout (`float`): Seconds before one HTTP judge call times out.
+        judge_max_retries (`int`): Transport retries (429, 5xx, timeouts, connection errors) with exponential backoff.
+
+        > Pipelines
+
+        dimensions (`list[str]`): Which of helpfulness, logicality, faithfulness, completeness to score.
+        dimension_weights (`dict[str, float]` or `None`): Weights of the mean; `None` means equal (the paper).
+        max_missing_dimensions (`int`): The reward is `None` when more dimensions than this failed. The reference code
+            only kept responses with all four scores, hence 0.
+        max_attempts (`int`): Tries per judge call whose answer cannot be parsed (reference: 5).
+        first_temperature / retry_temperature (`float`): Sampling temperature of the first try and of the re-samples.
+        zero_statement_policy (`str`): Faithfulness of a response with no factual statement. `"exclude"` (default):
+            faithfulness is not applicable, the reward is the mean of the other dimensions (as FactScore leaves
+            abstaining answers out of precision); `"full"`: 10 (nothing unsupported was claimed); `"zero"`: 0.
+        faithfulness_chunk_tokens / faithfulness_top_k (`int`): Retrieval chunk size and passages per statement.
+        faithfulness_min_checked_fraction (`float`): Share of statements whose check must parse for faithfulness to
+            be scored (default 1.0: all of them; a mean over a subset is never passed off as the score).
+        max_statements (`int` or `None`): Cap on statements checked per response (cost guard); `None` = no cap.
+        completeness_chunk_tokens (`int`): Chunk size of the per-chunk relevant-information extraction.
+    """
+
+    judge_backend: Literal["openai", "transformers", "vllm"] = field(
+        default="openai", metadata={"help": "Judge backend: openai (any OpenAI-compatible endpoint), transformers, vllm."}
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata={"help": "Judge model name at the endpoint, or a local path/Hub id for in-process backends."},
+    )
+    judge_base_url: str | None = field(
+        default=None, metadata={"help": "Base URL of the OpenAI-compatible judge, e.g. http://127.0.0.1:8000/v1."}
+    )
+    judge_api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata={"help": "Environment variable holding the judge API key (the key is never stored)."},
+    )
+    judge_max_concurrency: int = field(default=32, metadata={"help": "Judge calls in flight at once per process."})
+    judge_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP judge call times out."})
+    judge_max_retries: int = field(
+        default=5, metadata={"help": "Transport retries with backoff on 429/5xx/timeouts/connection errors."}
+    )
+    dimensions: list[str] = field(
+        default_factory=lambda: list(DIMENSIONS), metadata={"help": "Dimensions to score (subset of the four)."}
+    )
+    dimension_weights: dict[str, float] | None = field(
+        default=None, metadata={"help": "Weights of the mean over dimensions; default equal (the paper)."}
+    )
+    max_missing_dimensions: int = field(
+        default=0, metadata={"help": "The reward is None when more dimensions than this failed."}
+    )
+    max_attempts: int = field(default=5, metadata={"help": "Tries per judge call whose answer does not parse."})
+    first_temperature: float = field(default=0.0, metadata={"help": "Temperature of the first try of a judge call."})
+    retry_temperature: float = field(default=0.95, metadata={"help": "Temperature of re-sampled tries."})
+    score_max_tokens: int = field(default=512, metadata={"help": "Judge output budget of 0-10 scoring calls."})
+    break_max_tokens: int = field(default=2048, metadata={"help": "Judge output budget of the statement breakdown."})
+    check_max_tokens: int = field(default=512, metadata={"help": "Judge output budget of one statement check."})
+    extract_max_tokens: int = field(default=1024, metadata={"help": "Judge output budget of a chunk's notes."})
+    zero_statement_policy: Literal["exclude", "full", "zero"] = field(
+        default="exclude",
+        metadata={"help": "Faithfulness of a response with no factual statement: exclude (not applicable), full, zero."},
+    )
+    faithfulness_chunk_tokens: int = field(default=128, metadata={"help": "Retrieval chunk size in tokens."})
+    faithfulness_top_k: int = field(default=5, metadata={"help": "Passages shown per statement check."})
+    faithfulness_min_checked_fraction: float = field(
+        default=1.0, metadata={"help": "Share of statement checks that must parse for faithfulness to be scored."}
+    )
+    max_statements: int | None = field(default=None, metadata={"help": "Cap on statements checked per response."})
+    completeness_chunk_tokens: int = field(default=4096, metadata={"help": "Chunk size of the notes extraction."})
+    retriever: Literal["embedding", "openai", "bm25"] = field(
+        default="embedding",
+        metadata={"help": "embedding (sentence-transformers), openai (/v1/embeddings endpoint) or bm25 (lexical)."},
+    )
+    embedding_model: str | None = field(
+        default=None,
+        metadata={"help": "Embedding model (path or name); default: the offline all-MiniLM-L6-v2 package."},
+    )
+    embedding_base_url: str | None = field(
+        default=None, metadata={"help": "Base URL of the /v1/embeddings endpoint (retriever=openai)."}
+    )
+    chunk_tokenizer: str = field(
+        default="auto",
+        metadata={
+            "help": "Tokenizer that counts chunk tokens: auto (the in-process judge's, else the embedding model's, "
+            "else regex), regex, or a tokenizer path/name."
+        },
+    )
+    context_column: str = field(default="context", metadata={"help": "Dataset column holding the long document."})
+    question_column: str = field(default="question", metadata={"help": "Dataset column holding the question."})
+    prompt_separator: str = field(
+        default="\n\n",
+        metadata={"help": "Without context/question columns, the prompt is split as context + separator + question."},
+    )
+    prompt_dir: str | None = field(
+        default=None, metadata={"help": "Directory with your own versions of the six judge prompt files."}
+    )
+    cache_path: str | None = field(
+        default=None,
+        metadata={"help": "SQLite file of the persistent judge-call cache; None keeps the cache in memory only."},
+    )
+    show_progress: bool = field(default=False, metadata={"help": "Show a progress bar while judging."})
+
+    def __post_init__(self) -> None:
+        unknown = [d for d in self.dimensions if d not in DIMENSIONS]
+        if unknown or not self.dimensions:
+            raise ValueError(f"dimensions={self.dimensions!r}: choose one or more of {list(DIMENSIONS)}.")
+        if len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"dimensions={self.dimensions!r} lists a dimension twice.")
+        if self.dimension_weights is not None:
+            extra = set(self.dimension_weights) - set(self.dimensions)
+            if extra:
+                raise ValueError(f"dimension_weights names {sorted(extra)}, which are not in dimensions.")
+            if any(w < 0 for w in self.dimension_weights.values()) or not any(self.dimension_weights.values()):
+                raise ValueError("dimension_weights must be non-negative with at least one positive weight.")
+        if not 0 <= self.max_missing_dimensions < len(self.dimensions):
+            raise ValueError(
+                f"max_missing_dimensions={self.max_missing_dimensions} must be in [0, {len(self.dimensions) - 1}] "
+                "(at least one dimension has to be scored)."
+            )
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}.")
+        if self.zero_statement_policy not in ("exclude", "full", "zero"):
+            raise ValueError(f"zero_statement_policy={self.zero_statement_policy!r}: use exclude, full or zero.")
+        if not 0.0 < self.faithfulness_min_checked_fraction <= 1.0:
+            raise ValueError("faithfulness_min_checked_fraction must be in (0, 1].")
+        for name in ("faithfulness_chunk_tokens", "faithfulness_top_k", "completeness_chunk_tokens",
+                     "judge_max_concurrency", "score_max_tokens", "break_max_tokens", "check_max_tokens",
+                     "extract_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.judge_backend not in ("openai", "transformers", "vllm"):
+            raise ValueError(f"judge_backend={self.judge_backend!r}: use openai, transformers or vllm.")
+        if self.retriever not in ("embedding", "openai", "bm25"):
+            raise ValueError(f"retriever={self.retriever!r}: use embedding, openai or bm25.")
+        if self.retriever == "openai" and not (self.embedding_base_url and self.embedding_model):
+            raise ValueError("retriever='openai' needs embedding_base_url and embedding_model.")
+
+    def weight(self, dimension: str) -> float:
+        return 1.0 if self.dimension_weights is None else float(self.dimension_weights.get(dimension, 0.0))

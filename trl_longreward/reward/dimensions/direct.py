@@ -1,0 +1,33 @@
+"""Helpfulness and logicality: one judge call each, seeing the question and the response but NOT the document."""
+
+from __future__ import annotations
+
+from ..calls import describe_call
+from ..inputs import Sample
+from ..parsing import parse_score
+from .base import FAILED, OK, DimensionResult, DimensionScorer, PromptState
+
+
+class _QuestionResponseScorer(DimensionScorer):
+    async def score(self, sample: Sample, state: PromptState) -> DimensionResult:
+        result = await self.runner.run(
+            self.name,
+            {"question": sample.question, "response": sample.response},
+            parse_score,
+            max_tokens=self.config.score_max_tokens,
+        )
+        return DimensionResult(
+            score=result.value, status=OK if result.ok else FAILED, trace={"call": describe_call(result)}
+        )
+
+
+class HelpfulnessScorer(_QuestionResponseScorer):
+    """Relevance, meeting the user's purpose, detail, format (METHOD.md 2.1)."""
+
+    name = "helpfulness"
+
+
+class LogicalityScorer(_QuestionResponseScorer):
+    """Internal consistency and correct reasoning, without outside knowledge (METHOD.md 2.2)."""
+
+    name = "logicality"

@@ -1,0 +1,324 @@
+"""`LongRewardFunction`: LongReward as a TRL reward function."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..judges.base import Judge
+from ..judges.cache import JudgeCallCache
+from .calls import JudgeRunner
+from .config import LongRewardConfig
+from .dimensions import FAILED, OK, SCORERS, DimensionResult, PromptState, ScoringServices
+from .inputs import Sample, resolve_samples
+from .retrieval import Retriever, TokenChunker
+
+_MAX_PROMPT_STATES = 256
+
+
+@dataclass
+class Judgement:
+    """The reward of one response with everything behind it: per-dimension scores, statuses and judge traces."""
+
+    reward: float | None
+    scores: dict[str, float | None]
+    status: dict[str, str]
+    question: str
+    response: str
+    trace: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LoopThread:
+    """A private event loop in a daemon thread: the sync `__call__` works inside notebooks and inside a trainer's
+    own event loop, and async clients stay bound to one loop for the reward's lifetime."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="long-reward-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def arun(self, coroutine) -> Any:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def aggregate(results: dict[str, DimensionResult], config: LongRewardConfig) -> float | None:
+    """Weighted mean of the scored dimensions; None when more than `max_missing_dimensions` failed."""
+    failed = sum(1 for r in results.values() if r.status == FAILED)
+    scored = {d: r.score for d, r in results.items() if r.status == OK and r.score is not None}
+    total_weight = sum(config.weight(d) for d in scored)
+    if failed > config.max_missing_dimensions or not scored or total_weight == 0:
+        return None
+    return sum(config.weight(d) * s for d, s in scored.items()) / total_weight
+
+
+class LongRewardFunction:
+    """LongReward (arXiv 2410.21252) as a TRL reward function.
+
+    Scores each completion 0-10 on helpfulness, logicality, faithfulness and completeness with an LLM judge and
+    returns their (weighted) mean, or None for a completion whose scoring failed (TRL then skips it). Works as
+    `reward_funcs=[LongRewardFunction(...)]` in TRL's GRPO/RLOO and in `LongContextDPOTrainer`.
+
+    ```python
+    reward = LongRewardFunction(judge_base_url="http://127.0.0.1:8000/v1", judge_model="Qwen/Qwen2.5-72B-Instruct")
+    rewards = reward(prompts=[...], completions=[...], context=[...], question=[...])
+    judgements = reward.score(prompts=[...], completions=[...])  # with per-dimension scores and judge traces
+    ```
+
+    Args:
+        config: a `LongRewardConfig`; keyword arguments override its fields.
+        judge: a `Judge` backend; default built from the config (`judge_backend`, `judge_model`, ...).
+        retriever: a `Retriever` for faithfulness; default from `config.retriever`.
+        chunker: a `TokenChunker`; default from `config.chunk_tokenizer`.
+        cache: a `JudgeCallCache`; default: on disk at `config.cache_path`, else in memory.
+
+    All judge calls of a batch are in flight together (up to the judge's concurrency limit): every response's
+    dimensions run at once, statement checks start as soon as that response's breakdown is back, and the per-chunk
+    notes extraction runs once per prompt and is awaited by all of its responses. Identical (context, question,
+    response) rows are judged once. Judge failures never raise: they make dimensions missing.
+    """
+
+    __name__ = "long_reward"
+
+    def __init__(
+        self,
+        config: LongRewardConfig | None = None,
+        *,
+        judge: Judge | None = None,
+        retriever: Retriever | None = None,
+        chunker: TokenChunker | None = None,
+        cache: JudgeCallCache | None = None,
+        **overrides: Any,
+    ) -> None:
+        if config is None:
+            config = LongRewardConfig(**overrides)
+        elif overrides:
+            config = LongRewardConfig(**{**asdict(config), **overrides})
+        self.config = config
+        if judge is None:
+            from ..judges import build_judge
+
+            judge = build_judge(config)
+        self.judge = judge
+        self.cache = cache if cache is not None else JudgeCallCache(config.cache_path)
+        self.runner = JudgeRunner(
+            judge,
+            self.cache,
+            max_attempts=config.max_attempts,
+            first_temperature=config.first_temperature,
+            retry_temperature=config.retry_temperature,
+            prompt_dir=config.prompt_dir,
+        )
+        self._retriever = retriever
+        self.services = ScoringServices(
+            config=config,
+            runner=self.runner,
+            chunker=chunker if chunker is not None else _default_chunker(config, judge),
+            retriever_factory=self._make_retriever,
+        )
+        self.scorers = {name: SCORERS[name](self.services) for name in config.dimensions}
+        self._states: OrderedDict[str, PromptState] = OrderedDict()
+        self._loop: _LoopThread | None = None
+        self.last_judgements: list[Judgement] = []
+        self.last_metrics: dict[str, float] = {}
+
+    # ----- TRL reward-function protocol -----
+
+    def __call__(
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] | None = None,
+        completion_ids: Any = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        judgements = self.score(prompts=prompts, completions=completions, **kwargs)
+        log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
+        if log_metric is not None:
+            for name, value in self.last_metrics.items():
+                log_metric(name, value)
+        return [j.reward for j in judgements]
+
+    def score(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any):
+        """Like `__call__`, but returns a `Judgement` (scores, statuses, traces) per completion."""
+        samples = self._samples(prompts, completions, kwargs)
+        return self._loop_thread().run(self._score_samples(samples))
+
+    async def ascore(self, prompts=None, completions=None, **kwargs: Any) -> list[Judgement]:
+        """Async face of `score`, awaitable from any event loop."""
+        samples = self._samples(prompts, completions, kwargs)
+        return await self._loop_thread().arun(self._score_samples(samples))
+
+    def as_async(self) -> Callable[..., Any]:
+        """An async reward function with the same name, for trainers that gather async rewards concurrently."""
+        reward = self
+
+        async def long_reward(prompts=None, completions=None, completion_ids=None, **kwargs: Any):
+            judgements = await reward.ascore(prompts=prompts, completions=completions, **kwargs)
+            log_metric = kwargs.get("log_metric")
+            if log_metric is not None:
+                for name, value in reward.last_metrics.items():
+                    log_metric(name, value)
+            return [j.reward for j in judgements]
+
+        return long_reward
+
+    def score_samples(self, samples: Sequence[Sample]) -> list[Judgement]:
+        return self._loop_thread().run(self._score_samples(list(samples)))
+
+    # ----- internals -----
+
+    def _samples(self, prompts, completions, kwargs) -> list[Sample]:
+        if completions is None:
+            raise ValueError("LongRewardFunction needs `completions` (one response per row).")
+        return resolve_samples(
+            prompts,
+            completions,
+            kwargs,
+            context_column=self.config.context_column,
+            question_column=self.config.question_column,
+            separator=self.config.prompt_separator,
+        )
+
+    def _loop_thread(self) -> _LoopThread:
+        if self._loop is None:
+            self._loop = _LoopThread()
+        return self._loop
+
+    def _make_retriever(self) -> Retriever:
+        if self._retriever is None:
+            self._retriever = build_retriever(self.config)
+        return self._retriever
+
+    def _state(self, sample: Sample) -> PromptState:
+        key = hashlib.sha256(f"{sample.context}\x00{sample.question}".encode()).hexdigest()
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = PromptState(sample.context, sample.question)
+            while len(self._states) > _MAX_PROMPT_STATES:
+                self._states.popitem(last=False)
+        self._states.move_to_end(key)
+        return state
+
+    async def _score_dimension(self, name: str, sample: Sample, state: PromptState) -> DimensionResult:
+        try:
+            return await self.scorers[name].score(sample, state)
+        except Exception as err:  # e.g. the embedding endpoint is down: the dimension is missing, the run goes on
+            return DimensionResult(score=None, status=FAILED, trace={"error": repr(err)})
+
+    async def _judge_one(self, sample: Sample) -> Judgement:
+        state = self._state(sample)
+        names = list(self.scorers)
+        results = await asyncio.gather(*(self._score_dimension(n, sample, state) for n in names))
+        by_name = dict(zip(names, results, strict=True))
+        return Judgement(
+            reward=aggregate(by_name, self.config),
+            scores={n: r.score for n, r in by_name.items()},
+            status={n: r.status for n, r in by_name.items()},
+            question=sample.question,
+            response=sample.response,
+            trace={n: r.trace for n, r in by_name.items()},
+        )
+
+    async def _score_samples(self, samples: list[Sample]) -> list[Judgement]:
+        before = self.runner.counters.totals()
+        unique: dict[Sample, asyncio.Task] = {}
+        for sample in samples:
+            if sample not in unique:  # identical (context, question, response) rows are judged once
+                unique[sample] = asyncio.ensure_future(self._judge_one(sample))
+        if self.config.show_progress:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=len(unique), desc="LongReward judging", unit="response") as bar:
+                for task in asyncio.as_completed(list(unique.values())):
+                    await task
+                    bar.update(1)
+        done = {sample: await task for sample, task in unique.items()}
+        judgements = [done[s] for s in samples]
+        self.last_judgements = judgements
+        self.last_metrics = batch_metrics(judgements, list(self.scorers), before, self.runner.counters.totals())
+        return judgements
+
+    def stats(self) -> dict[str, Any]:
+        """Cumulative cost of this reward function: judge calls sent, cache hits, parse failures, judge errors."""
+        return {**self.runner.counters.totals(), "by_template": self.runner.counters.snapshot()}
+
+    def close(self) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.run(self.judge.aclose())
+            finally:
+                self._loop.stop()
+                self._loop = None
+        self.cache.close()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.stop()
+
+
+def batch_metrics(
+    judgements: Sequence[Judgement], dimensions: Sequence[str], before: dict[str, int], after: dict[str, int]
+) -> dict[str, float]:
+    """Per-dimension mean/std and missing rate, reward mean, and the judge cost of this batch."""
+    metrics: dict[str, float] = {}
+    for name in [*dimensions, "reward"]:
+        values = [j.reward if name == "reward" else j.scores[name] for j in judgements]
+        present = [v for v in values if v is not None]
+        if present:
+            mean = sum(present) / len(present)
+            metrics[f"long_reward/{name}/mean"] = mean
+            metrics[f"long_reward/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
+        metrics[f"long_reward/{name}/missing_rate"] = 1 - len(present) / len(values) if values else 0.0
+    for key, value in after.items():
+        metrics[f"long_reward/{key}"] = float(value - before.get(key, 0))
+    return metrics
+
+
+def build_retriever(config: LongRewardConfig) -> Retriever:
+    from .retrieval import BM25Retriever, EmbeddingRetriever, OpenAIEmbedder, SentenceTransformerEmbedder
+
+    if config.retriever == "bm25":
+        return BM25Retriever()
+    if config.retriever == "openai":
+        embedder = OpenAIEmbedder(
+            config.embedding_base_url or "", config.embedding_model or "", api_key_env=config.judge_api_key_env
+        )
+        return EmbeddingRetriever(embedder)
+    return EmbeddingRetriever(SentenceTransformerEmbedder(config.embedding_model))
+
+
+def _default_chunker(config: LongRewardConfig, judge: Judge) -> TokenChunker:
+    """`auto`: the in-process judge's tokenizer, else the default embedding model's, else the regex tokenizer."""
+    choice = config.chunk_tokenizer
+    if choice == "regex":
+        return TokenChunker(None)
+    from transformers import AutoTokenizer
+
+    if choice != "auto":
+        return TokenChunker(AutoTokenizer.from_pretrained(choice))
+    tokenizer = getattr(judge, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "is_fast", False):
+        return TokenChunker(tokenizer)
+    try:
+        from .retrieval import default_embedding_model_path
+
+        own_model = config.retriever == "embedding" and config.embedding_model
+        return TokenChunker(AutoTokenizer.from_pretrained(own_model or default_embedding_model_path()))
+    except (ImportError, OSError, ValueError):
+        return TokenChunker(None)

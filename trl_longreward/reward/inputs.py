@@ -1,0 +1,117 @@
+"""Turn what a TRL trainer passes a reward function into (context, question, response) triples.
+
+TRL hands over `prompts` (strings, or lists of chat messages), `completions` (strings, or `[{"role": "assistant",
+"content": ...}]`) and every other dataset column as a keyword argument. The document and the question come from the
+`context` / `question` columns when the dataset has them; otherwise from the prompt, read as
+`context + separator + question` (the paper's prompt format).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sample:
+    context: str
+    question: str
+    response: str
+
+
+def message_text(value: Any, *, what: str, index: int, role: str | None = None) -> str:
+    """Text of a plain string or of a chat (list of messages): the last message (of `role`, when given)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "content" in value:
+        value = [value]
+    if isinstance(value, Sequence) and value and all(isinstance(m, dict) and "content" in m for m in value):
+        messages = [m for m in value if role is None or m.get("role") == role] or list(value)
+        content = messages[-1]["content"]
+        if isinstance(content, list):  # multimodal-style content parts: keep the text parts
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if not isinstance(content, str):
+            raise TypeError(f"{what}[{index}]: message content must be a string, got {type(content).__name__}.")
+        return content
+    raise TypeError(
+        f"{what}[{index}] must be a string or a list of chat messages ({{'role': ..., 'content': ...}}), "
+        f"got {type(value).__name__}: {str(value)[:80]!r}."
+    )
+
+
+def split_prompt(prompt: str, *, question: str | None, separator: str, index: int) -> tuple[str, str]:
+    """Split a prompt into (context, question). With a known question, the context is what precedes it."""
+    if question is not None:
+        stripped = prompt.rstrip()
+        if stripped.endswith(question.strip()):
+            return stripped[: len(stripped) - len(question.strip())].rstrip(), question
+        if separator in prompt:
+            return prompt.rsplit(separator, 1)[0], question
+        return prompt, question
+    if separator not in prompt:
+        raise ValueError(
+            f"prompts[{index}]: cannot find the document in the prompt. Give the dataset 'context' and 'question' "
+            f"columns (or set context_column/question_column), or write prompts as context + {separator!r} + question."
+        )
+    context, question = prompt.rsplit(separator, 1)
+    return context, question
+
+
+def _column(kwargs: dict[str, Any], name: str, size: int) -> list[Any] | None:
+    values = kwargs.get(name)
+    if values is None:
+        return None
+    if isinstance(values, str) or not isinstance(values, Sequence) or len(values) != size:
+        raise ValueError(f"Column {name!r} must be a list with one value per completion ({size}).")
+    return list(values)
+
+
+def resolve_samples(
+    prompts: Sequence[Any] | None,
+    completions: Sequence[Any],
+    kwargs: dict[str, Any],
+    *,
+    context_column: str,
+    question_column: str,
+    separator: str,
+) -> list[Sample]:
+    """Build one `Sample` per completion, with errors that name the column and the fix."""
+    size = len(completions)
+    if prompts is not None and len(prompts) != size:
+        raise ValueError(f"Got {len(prompts)} prompts for {size} completions: pass one prompt per completion.")
+    contexts = _column(kwargs, context_column, size)
+    questions = _column(kwargs, question_column, size)
+    if contexts is None and prompts is None:
+        raise ValueError(f"No prompts and no {context_column!r} column: the reward needs the document.")
+    samples = []
+    for i in range(size):
+        response = message_text(completions[i], what="completions", index=i, role="assistant")
+        question = None if questions is None else _as_text(questions[i], question_column, i)
+        if contexts is not None:
+            context = _as_text(contexts[i], context_column, i)
+            if question is None:
+                if prompts is None:
+                    raise ValueError(f"No {question_column!r} column and no prompts: the reward needs the question.")
+                question = message_text(prompts[i], what="prompts", index=i, role="user")
+                # A prompt that embeds the document is split; a bare question is taken whole.
+                if context.strip() and context.strip() in question:
+                    question = question.split(context.strip(), 1)[1].strip() or question
+        else:
+            prompt = message_text(prompts[i], what="prompts", index=i, role="user")
+            context, question = split_prompt(prompt, question=question, separator=separator, index=i)
+        if not context.strip():
+            raise ValueError(
+                f"Row {i}: the context is empty. LongReward judges answers about a document; give the document in "
+                f"the {context_column!r} column or in the prompt."
+            )
+        if not question.strip():
+            raise ValueError(f"Row {i}: the question is empty (column {question_column!r} or the end of the prompt).")
+        samples.append(Sample(context=context, question=question.strip(), response=response))
+    return samples
+
+
+def _as_text(value: Any, column: str, index: int) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"Column {column!r}, row {index}: expected a string, got {type(value).__name__}.")
+    return value

@@ -1,0 +1,520 @@
+"""A scripted OpenAI-compatible judge server on loopback, built on the standard library only.
+
+`ScriptedOpenAIServer` answers `POST /v1/chat/completions` with text from a Python callable (the *responder*), in
+exactly the JSON shape OpenAI's API uses, so code under test can talk to it through the real `openai` client. It can
+also simulate what makes a remote judge hard to use: latency, a rate limiter (`max_concurrency` -> 429), seeded
+random faults (5xx, 429, hangs, dropped connections, broken JSON, answers without a verdict) and full outages
+(`set_down`). Counters (`requests`, `max_in_flight`, `num_rejected`, `num_faults`) let tests assert what happened.
+
+Run it as a separate process for benchmarks::
+
+    python -m trl_longreward.testing.openai_server --port 8123 --latency 0.05 --max-concurrency 8 --reply "[[7]]"
+
+The first stdout line is the base URL; the server runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import random
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType, TracebackType
+from typing import Any
+
+Responder = Callable[[list[dict], dict], str]
+"""(messages, full request body) -> assistant text."""
+
+Embedder = Callable[[list[str]], list[list[float]]]
+"""A batch of texts -> one vector each."""
+
+FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "429", "timeout", "disconnect", "malformed", "no_verdict")
+NO_VERDICT_TEXT = "I am not sure."
+
+# What a handler hits when the client went away first (broken pipe, reset, a socket shut by stop()), e.g. after the
+# client's own timeout; nothing to report then. All are OSError subclasses.
+_CLIENT_GONE = OSError
+
+
+def _count_tokens(text: str) -> int:
+    """A rough token count (whitespace words); only meant to make `usage` plausible."""
+    return len(text.split())
+
+
+def _content_text(content: Any) -> str:
+    """The text of a message's content, which is a string or a list of typed parts in OpenAI's format."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _error_body(message: str, err_type: str, code: str | None = None) -> dict[str, Any]:
+    """An error payload in OpenAI's shape, so the client's error objects carry the message."""
+    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """The socket server; holds a back reference to its `ScriptedOpenAIServer`."""
+
+    # Handler threads must never keep the interpreter alive, and `stop()` joins them itself with a bound, so the
+    # base class's unbounded join in `server_close` is switched off.
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], owner: ScriptedOpenAIServer) -> None:
+        self.owner = owner
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up is routine here (timeouts, disconnect faults); anything else still gets reported.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _CLIENT_GONE):
+            return
+        super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection; dispatches each request to the owning `ScriptedOpenAIServer`."""
+
+    # HTTP/1.1 keeps connections alive, as a real API server does; every response therefore sets Content-Length.
+    protocol_version = "HTTP/1.1"
+    # Buffer writes and disable Nagle so headers and body leave as one segment: otherwise each small response waits
+    # on the peer's delayed ACK (~40 ms), which would dominate every test and benchmark.
+    wbufsize = -1
+    disable_nagle_algorithm = True
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.owner._register_connection(self.connection, threading.current_thread())
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except _CLIENT_GONE:
+            pass
+        finally:
+            self.server.owner._unregister_connection(self.connection, threading.current_thread())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Silence per-request logging: tests and benchmarks send thousands of requests.
+        pass
+
+    # --- response helpers -------------------------------------------------------------------------------------
+
+    def send_raw(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        """Write a full response; a client that already left is ignored."""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+        except _CLIENT_GONE:
+            self.close_connection = True
+
+    def send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        self.send_raw(status, json.dumps(payload).encode("utf-8"), "application/json", headers)
+
+    def send_error_json(self, status: int, message: str, err_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_json(status, _error_body(message, err_type, code=str(status)), headers)
+
+    def read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    # --- routing ----------------------------------------------------------------------------------------------
+
+    def _path(self) -> str:
+        return self.path.split("?", 1)[0].rstrip("/")
+
+    def do_GET(self) -> None:
+        self.server.owner._handle_get(self, self._path())
+
+    def do_POST(self) -> None:
+        # Read the body before anything else so a keep-alive connection stays in sync whatever we answer.
+        raw = self.read_body()
+        self.server.owner._handle_post(self, self._path(), raw)
+
+
+class ScriptedOpenAIServer:
+    """An OpenAI-compatible chat/embeddings server answering from a Python callable.
+
+    Args:
+        responder: called as `responder(messages, body)` for each normal chat answer; its return value becomes the
+            assistant message. If it raises, the request is answered 500 with the error message.
+        model: the one model id listed by `/v1/models` and echoed in responses.
+        host, port: where to bind; port 0 picks a free port (read it back from `base_url`).
+        latency_s: sleep per admitted chat request (simulated judge latency).
+        max_concurrency: if set, a chat request arriving while this many are being handled is answered 429 with
+            `Retry-After: 0` (a rate limiter) and counted in `num_rejected`.
+        fault_rate: probability that an admitted chat request gets a fault instead of a normal answer.
+        faults: fault kinds drawn uniformly when a fault fires; any of `FAULT_KINDS`.
+        seed: seed of the fault draws, so a run's fault sequence is reproducible for a given arrival order.
+        embedder: serves `POST /v1/embeddings` when given (404 otherwise).
+        timeout_sleep_s: how long a "timeout" fault stalls before answering normally.
+
+    Every chat request body received is appended to `requests` (including those answered with a fault, a 429 or a
+    503), so `num_chat_requests` counts what actually reached the judge, retries included.
+    """
+
+    def __init__(
+        self,
+        responder: Responder,
+        *,
+        model: str = "scripted-judge",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_s: float = 0.0,
+        max_concurrency: int | None = None,
+        fault_rate: float = 0.0,
+        faults: Sequence[str] = ("500",),
+        seed: int = 0,
+        embedder: Embedder | None = None,
+        timeout_sleep_s: float = 5.0,
+    ) -> None:
+        unknown = [kind for kind in faults if kind not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}; choose from {list(FAULT_KINDS)}")
+        if fault_rate > 0 and not faults:
+            raise ValueError("fault_rate > 0 needs at least one fault kind")
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.responder = responder
+        self.model = model
+        self.host = host
+        self.port = port
+        self.latency_s = latency_s
+        self.max_concurrency = max_concurrency
+        self.fault_rate = fault_rate
+        self.faults = tuple(faults)
+        self.embedder = embedder
+        self.timeout_sleep_s = timeout_sleep_s
+
+        self.requests: list[dict] = []
+        self.max_in_flight = 0
+        self.num_rejected = 0
+        self.num_faults: dict[str, int] = dict.fromkeys(self.faults, 0)
+
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._down = False
+        # Set on stop() so sleeping handlers (latency, "timeout" faults) wake up instead of outliving the server.
+        self._stopping = threading.Event()
+        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> ScriptedOpenAIServer:
+        """Bind and serve in a daemon thread; returns self."""
+        if self._httpd is not None:
+            raise RuntimeError("server already started")
+        self._stopping.clear()
+        self._httpd = _HTTPServer((self.host, self.port), self)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="scripted-openai-server",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections and wait (bounded) for handler threads to finish."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        # Idle keep-alive connections leave handler threads blocked in a read; shutting the sockets wakes them.
+        with self._lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        httpd.server_close()
+        for _, thread in connections:
+            if thread is not threading.current_thread():
+                thread.join(timeout=5.0)
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    def __enter__(self) -> ScriptedOpenAIServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """The URL to give the `openai` client, e.g. "http://127.0.0.1:PORT/v1"."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    # --- counters and switches --------------------------------------------------------------------------------
+
+    @property
+    def num_chat_requests(self) -> int:
+        """How many chat-completion requests arrived (every attempt, whatever the answer was)."""
+        with self._lock:
+            return len(self.requests)
+
+    def reset_counters(self) -> None:
+        """Forget logged requests and zero every counter (the fault RNG keeps its state)."""
+        with self._lock:
+            self.requests.clear()
+            self.max_in_flight = 0
+            self.num_rejected = 0
+            self.num_faults = dict.fromkeys(self.faults, 0)
+
+    def set_down(self, down: bool) -> None:
+        """Simulate a judge outage: while down, every request is answered 503."""
+        with self._lock:
+            self._down = down
+
+    # --- connection bookkeeping (called from handler threads) -------------------------------------------------
+
+    def _register_connection(self, sock: socket.socket, thread: threading.Thread) -> None:
+        with self._lock:
+            self._connections[sock] = thread
+
+    def _unregister_connection(self, sock: socket.socket, thread: threading.Thread) -> None:
+        with self._lock:
+            self._connections.pop(sock, None)
+
+    def _is_down(self) -> bool:
+        with self._lock:
+            return self._down
+
+    # --- request handling -------------------------------------------------------------------------------------
+
+    def _answer_down(self, handler: _Handler) -> None:
+        handler.send_error_json(503, "The judge server is down.", "server_error")
+
+    def _handle_get(self, handler: _Handler, path: str) -> None:
+        if self._is_down():
+            self._answer_down(handler)
+        elif path == "/health":
+            handler.send_json(200, {"status": "ok"})
+        elif path == "/v1/models":
+            model = {"id": self.model, "object": "model", "created": 0, "owned_by": "trl_longreward"}
+            handler.send_json(200, {"object": "list", "data": [model]})
+        else:
+            handler.send_error_json(404, f"Unknown path {path}", "invalid_request_error")
+
+    def _handle_post(self, handler: _Handler, path: str, raw: bytes) -> None:
+        if path not in ("/v1/chat/completions", "/v1/embeddings"):
+            handler.send_error_json(404, f"Unknown path {path}", "invalid_request_error")
+            return
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("request body must be a JSON object")
+        except ValueError as err:
+            handler.send_error_json(400, f"Invalid JSON body: {err}", "invalid_request_error")
+            return
+        if path == "/v1/chat/completions":
+            self._handle_chat(handler, body)
+        else:
+            self._handle_embeddings(handler, body)
+
+    def _handle_chat(self, handler: _Handler, body: dict) -> None:
+        # Log, check outage, admit and draw a fault under one lock so the counters and the fault sequence follow
+        # the order requests arrived in.
+        down = admitted = False
+        fault: str | None = None
+        with self._lock:
+            self.requests.append(body)
+            if self._down:
+                down = True
+            elif self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
+                self.num_rejected += 1
+            else:
+                admitted = True
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+                if self.fault_rate > 0 and self._rng.random() < self.fault_rate:
+                    fault = self._rng.choice(self.faults)
+                    self.num_faults[fault] = self.num_faults.get(fault, 0) + 1
+        if down:
+            self._answer_down(handler)
+            return
+        if not admitted:
+            handler.send_error_json(429, "Too many concurrent requests.", "rate_limit_error", {"Retry-After": "0"})
+            return
+        try:
+            if self.latency_s > 0:
+                self._stopping.wait(self.latency_s)
+            self._answer_chat(handler, body, fault)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _answer_chat(self, handler: _Handler, body: dict, fault: str | None) -> None:
+        if fault in ("500", "502", "503"):
+            handler.send_error_json(int(fault), f"Injected fault {fault}.", "server_error")
+            return
+        if fault == "429":
+            handler.send_error_json(429, "Injected rate limit.", "rate_limit_error", {"Retry-After": "0"})
+            return
+        if fault == "disconnect":
+            # Close the socket with no response at all: the client sees the connection drop mid-request.
+            handler.close_connection = True
+            try:
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if fault == "malformed":
+            handler.send_raw(200, b'{"id": "chatcmpl-broken", "choices": [', "application/json")
+            return
+        if fault == "timeout":
+            # Stall long enough for a client with a short timeout to give up, then answer normally.
+            self._stopping.wait(self.timeout_sleep_s)
+        messages = body.get("messages") or []
+        if fault == "no_verdict":
+            text = NO_VERDICT_TEXT
+        else:
+            try:
+                text = self.responder(messages, body)
+            except Exception as err:  # any responder failure becomes a server error, as with a real judge
+                handler.send_error_json(500, f"Responder failed: {type(err).__name__}: {err}", "server_error")
+                return
+        handler.send_json(200, self._completion(messages, text))
+
+    def _completion(self, messages: list[dict], text: str) -> dict[str, Any]:
+        """A ChatCompletion payload in exactly OpenAI's shape."""
+        prompt_tokens = sum(_count_tokens(_content_text(m.get("content"))) for m in messages if isinstance(m, dict))
+        completion_tokens = _count_tokens(text)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _handle_embeddings(self, handler: _Handler, body: dict) -> None:
+        if self._is_down():
+            self._answer_down(handler)
+            return
+        if self.embedder is None:
+            handler.send_error_json(404, "This server has no embeddings endpoint.", "invalid_request_error")
+            return
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+            handler.send_error_json(400, "`input` must be a string or a list of strings.", "invalid_request_error")
+            return
+        try:
+            vectors = self.embedder(inputs)
+        except Exception as err:  # any embedder failure becomes a server error
+            handler.send_error_json(500, f"Embedder failed: {type(err).__name__}: {err}", "server_error")
+            return
+        # The openai client asks for base64 by default (little-endian float32), and decodes it transparently.
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, vector in enumerate(vectors):
+            values = [float(x) for x in vector]
+            embedding: Any = (
+                base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii") if as_base64 else values
+            )
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(_count_tokens(text) for text in inputs)
+        handler.send_json(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model") or self.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve a fixed reply as an OpenAI-compatible judge.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--model", default="scripted-judge")
+    parser.add_argument("--reply", default="[[7]]", help="assistant text returned for every chat request")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds slept per chat request")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="answer 429 above this many in flight")
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--faults", default="500", help=f"comma-separated, from {','.join(FAULT_KINDS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve a fixed reply until SIGTERM or SIGINT; prints the base URL as the first stdout line."""
+    args = _parse_args(argv)
+    reply: str = args.reply
+    server = ScriptedOpenAIServer(
+        lambda messages, body: reply,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        latency_s=args.latency,
+        max_concurrency=args.max_concurrency,
+        fault_rate=args.fault_rate,
+        faults=[kind.strip() for kind in args.faults.split(",") if kind.strip()],
+        seed=args.seed,
+    )
+    done = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server.start()
+    # The parent process reads this line to learn the port.
+    print(server.base_url, flush=True)
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
