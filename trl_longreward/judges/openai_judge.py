@@ -70,21 +70,30 @@ class OpenAIJudge(Judge):
         client = self._ensure_client()
         assert self._semaphore is not None
         async with self._semaphore:
-            try:
-                completion = await client.chat.completions.create(
-                    model=self.model_id,
-                    messages=list(request.messages),
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    max_tokens=request.max_tokens,
-                    extra_body=self.extra_body,
-                )
-            except openai.AuthenticationError as err:
-                self.stats.add(requests=1, failures=1)
-                return JudgeError(f"Judge at {self.base_url} rejected the API key from ${self.api_key_env}: {err}")
-            except Exception as err:  # a judge failure never crashes the caller: it becomes a missing score
-                self.stats.add(requests=1, failures=1)
-                return JudgeError(f"Judge call to {self.base_url} failed after {self.max_retries} retries: {err!r}")
+            for retry in range(self.max_retries + 1):
+                try:
+                    completion = await client.chat.completions.create(
+                        model=self.model_id,
+                        messages=list(request.messages),
+                        temperature=request.temperature,
+                        top_p=request.top_p,
+                        max_tokens=request.max_tokens,
+                        extra_body=self.extra_body,
+                    )
+                    break
+                except openai.AuthenticationError as err:
+                    self.stats.add(requests=1, failures=1)
+                    return JudgeError(f"Judge at {self.base_url} rejected the API key from ${self.api_key_env}: {err}")
+                except ValueError as err:
+                    # A 200 whose body is not JSON (a broken proxy): the client does not retry it, so we do.
+                    if retry < self.max_retries:
+                        await asyncio.sleep(min(0.5 * 2**retry, 8.0))
+                        continue
+                    self.stats.add(requests=1, failures=1)
+                    return JudgeError(f"Judge at {self.base_url} kept answering malformed bodies: {err!r}")
+                except Exception as err:  # a judge failure never crashes the caller: it becomes a missing score
+                    self.stats.add(requests=1, failures=1)
+                    return JudgeError(f"Judge call to {self.base_url} failed after {self.max_retries} retries: {err!r}")
         choices = getattr(completion, "choices", None)
         content = choices[0].message.content if choices else None
         if not isinstance(content, str):

@@ -50,7 +50,9 @@ class VLLMJudge(BatchingJudge):
                 results[index] = error
         if not runnable:
             return results
-        params = self._sampling_params_cls(temperature=first.temperature, top_p=first.top_p, max_tokens=first.max_tokens)
+        params = self._sampling_params_cls(
+            temperature=first.temperature, top_p=first.top_p, max_tokens=first.max_tokens
+        )
         conversations = [list(requests[index].messages) for index in runnable]
         outputs = self.llm.chat(conversations, params, use_tqdm=False)
         for index, output in zip(runnable, outputs, strict=True):

@@ -100,11 +100,13 @@ class LongRewardFunction:
         config: LongRewardConfig | None = None,
         *,
         judge: Judge | None = None,
-        retriever: Retriever | None = None,
+        retriever: Retriever | str | None = None,
         chunker: TokenChunker | None = None,
         cache: JudgeCallCache | None = None,
         **overrides: Any,
     ) -> None:
+        if isinstance(retriever, str):  # the config field's name: "embedding", "openai" or "bm25"
+            overrides["retriever"], retriever = retriever, None
         if config is None:
             config = LongRewardConfig(**overrides)
         elif overrides:

@@ -5,7 +5,7 @@ and answers in the judge output protocol with simple, predictable rules, so a te
 score of a known answer. Serve it over HTTP with `ScriptedOpenAIServer(ScriptedLongRewardJudge())`.
 
 Rules (each can be replaced by passing a callable):
-- helpfulness(question, response): 2 if the response says the answer is not in the document, else 8.
+- helpfulness(question, response): 2 if the response says "cannot tell" or "not in the document", else 8.
 - logicality(question, response): 3 if the response contains "however, it is not", else 9.
 - break(question, response): every sentence ending in "." is a statement; `No factual statements` if there is none.
 - check(statement, passages): Fully supported if the statement (without its final period) occurs verbatim in a
@@ -56,7 +56,8 @@ def sentences(text: str) -> list[str]:
 
 
 def rule_helpfulness(question: str, response: str) -> float:
-    return 2.0 if "not in the document" in response.lower() else 8.0
+    lowered = response.lower()
+    return 2.0 if "not in the document" in lowered or "cannot tell" in lowered else 8.0
 
 
 def rule_logicality(question: str, response: str) -> float:

@@ -51,6 +51,10 @@ class PromptState:
             self._tasks[name] = task
         return task
 
+    def forget(self, name: str) -> None:
+        """Drop a shared result that came out incomplete (a judge outage), so the next call computes it again."""
+        self._tasks.pop(name, None)
+
 
 @dataclass
 class ScoringServices:

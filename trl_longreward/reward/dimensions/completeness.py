@@ -63,6 +63,7 @@ class CompletenessScorer(DimensionScorer):
         extraction = await state.once("completeness_notes", lambda: self._extract_notes(state))
         shared = {"num_chunks": len(extraction["chunks"]), "failed_chunks": extraction["failed_chunks"]}
         if extraction["failed_chunks"]:
+            state.forget("completeness_notes")  # retried by the next batch; chunks that succeeded come from cache
             return DimensionResult(score=None, status=FAILED, trace={**shared, "extraction": extraction["chunks"]})
         result = await self.runner.run(
             "completeness_score",

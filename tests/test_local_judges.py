@@ -1,0 +1,255 @@
+"""In-process judges: micro-batching in `BatchingJudge`, the transformers judge on SmolLM2, and the vLLM judge."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+
+import pytest
+
+from trl_longreward.judges.base import ChatRequest, JudgeError
+from trl_longreward.judges.local import BatchingJudge, BatchResult
+
+
+class RecordingJudge(BatchingJudge):
+    """Echoes each prompt and records every batch it was given."""
+
+    model_id = "recording"
+
+    def __init__(self, *, delay: float = 0.0, fail: bool = False, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.batches: list[list[ChatRequest]] = []
+        self.threads: set[int] = set()
+        self.delay, self.fail = delay, fail
+
+    def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
+        self.batches.append(list(requests))
+        self.threads.add(threading.get_ident())
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("backend exploded")
+        return [
+            JudgeError("refused") if r.messages[-1]["content"] == "refuse" else f"echo:{r.messages[-1]['content']}"
+            for r in requests
+        ]
+
+
+def _prompt(text: str, **sampling: float | int) -> ChatRequest:
+    return ChatRequest.from_prompt(text, **sampling)
+
+
+def test_concurrent_requests_are_batched() -> None:
+    judge = RecordingJudge(max_batch_size=8)
+
+    async def main() -> list[str]:
+        try:
+            return await asyncio.gather(*(judge.acomplete(_prompt(f"q{i}")) for i in range(10)))
+        finally:
+            await judge.aclose()
+
+    answers = asyncio.run(main())
+    assert answers == [f"echo:q{i}" for i in range(10)]  # every result in its caller's slot
+    assert len(judge.batches) <= 2
+    assert all(len(batch) <= 8 for batch in judge.batches)
+    assert judge.threads and threading.get_ident() not in judge.threads  # ran off the event loop thread
+    assert judge.stats.requests == 10 and judge.stats.failures == 0
+
+
+def test_requests_arriving_within_the_wait_join_one_batch() -> None:
+    judge = RecordingJudge(max_batch_size=16, batch_wait_s=0.2)
+
+    async def late(i: int) -> str:
+        await asyncio.sleep(0.02 * i)
+        return await judge.acomplete(_prompt(f"q{i}"))
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(late(i) for i in range(5)))
+
+    assert asyncio.run(main()) == [f"echo:q{i}" for i in range(5)]
+    assert [len(batch) for batch in judge.batches] == [5]
+
+
+def test_different_sampling_params_are_never_mixed() -> None:
+    judge = RecordingJudge(max_batch_size=32)
+    requests = [
+        _prompt(f"q{i}", temperature=[0.0, 0.7][i % 2], max_tokens=[16, 32, 16][i % 3], top_p=1.0) for i in range(12)
+    ]
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(judge.acomplete(request) for request in requests))
+
+    assert asyncio.run(main()) == [f"echo:q{i}" for i in range(12)]
+    for batch in judge.batches:
+        assert len({request.sampling_key() for request in batch}) == 1
+    assert len(judge.batches) == 4  # all 12 arrived together: one batch per distinct sampling key
+
+
+def test_batch_exception_becomes_judge_error_per_request() -> None:
+    judge = RecordingJudge(fail=True)
+
+    async def main() -> list[str | JudgeError]:
+        results = await judge.agenerate([_prompt("a"), _prompt("b"), _prompt("c")])
+        with pytest.raises(JudgeError, match="backend exploded"):
+            await judge.acomplete(_prompt("d"))
+        return results
+
+    results = asyncio.run(main())
+    assert len(results) == 3 and all(isinstance(result, JudgeError) for result in results)
+    assert len({id(result) for result in results}) == 3
+    assert isinstance(results[0].__cause__, RuntimeError)
+    assert judge.stats.failures == 4 and judge.stats.requests == 4
+
+
+def test_per_request_error_fails_only_that_request() -> None:
+    judge = RecordingJudge()
+    results = judge.generate([_prompt("a"), _prompt("refuse"), _prompt("c")])
+    assert results[0] == "echo:a" and results[2] == "echo:c"
+    assert isinstance(results[1], JudgeError)
+    assert judge.stats.failures == 1
+
+
+def test_event_loop_stays_free_during_a_batch() -> None:
+    judge = RecordingJudge(delay=0.3)
+
+    async def main() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await judge.acomplete(_prompt("slow"))
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(main()) >= 10
+
+
+def test_worker_restarts_after_aclose_and_across_loops() -> None:
+    judge = RecordingJudge()
+    assert judge.generate([_prompt("a")]) == ["echo:a"]
+    assert judge.generate([_prompt("b")]) == ["echo:b"]  # asyncio.run made a new loop: a new worker
+
+    async def main() -> tuple[str, str]:
+        first = await judge.acomplete(_prompt("c"))
+        await judge.aclose()
+        return first, await judge.acomplete(_prompt("d"))
+
+    assert asyncio.run(main()) == ("echo:c", "echo:d")
+    assert judge.generate([]) == []
+
+
+def test_aclose_answers_what_is_queued() -> None:
+    judge = RecordingJudge(delay=0.05, max_batch_size=2)
+
+    async def main() -> list[str]:
+        tasks = [asyncio.create_task(judge.acomplete(_prompt(f"q{i}"))) for i in range(5)]
+        await asyncio.sleep(0)  # let every task enqueue its request
+        await judge.aclose()
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == [f"echo:q{i}" for i in range(5)]
+
+
+def test_invalid_batch_size() -> None:
+    with pytest.raises(ValueError):
+        RecordingJudge(max_batch_size=0)
+
+
+# --- TransformersJudge on the embedded SmolLM2 -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_judge():
+    from trl_longreward.judges.transformers_judge import TransformersJudge
+
+    return TransformersJudge(max_batch_size=8)
+
+
+@pytest.mark.slow
+def test_transformers_judge_answers_a_batch(smollm2_judge) -> None:
+    from trl_longreward.models import DEFAULT_MODEL_NAME
+
+    judge = smollm2_judge
+    assert judge.model_id == DEFAULT_MODEL_NAME
+    assert judge.tokenizer.chat_template
+    france = _prompt("What is the capital of France?", max_tokens=24)
+    requests = [
+        france,
+        _prompt("What is 2 + 2? Answer with a number.", max_tokens=12),
+        ChatRequest(
+            messages=(
+                {"role": "system", "content": "You answer in one word."},
+                {"role": "user", "content": "Name a primary color."},
+            ),
+            max_tokens=12,
+        ),
+        france,
+    ]
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(judge.acomplete(request) for request in requests))
+
+    answers = asyncio.run(main())
+    assert all(isinstance(answer, str) and answer for answer in answers)
+    assert "Paris" in answers[0]
+    assert answers[3] == answers[0]  # greedy decoding is deterministic, batched or not
+    assert judge.generate([france]) == [answers[0]]
+    assert judge.stats.completion_tokens > 0
+
+
+@pytest.mark.slow
+def test_transformers_judge_too_long_input_is_a_judge_error(smollm2_judge) -> None:
+    judge = smollm2_judge
+    too_long = _prompt("word " * 9000, max_tokens=8)
+    results = judge.generate([too_long, _prompt("What is the capital of France?", max_tokens=16)])
+    assert isinstance(results[0], JudgeError) and "window" in str(results[0])
+    assert "Paris" in results[1]
+
+
+@pytest.mark.slow
+def test_transformers_judge_sampling_is_seeded(smollm2_judge) -> None:
+    import torch
+
+    request = _prompt("Write one sentence about the sea.", temperature=0.9, top_p=0.95, max_tokens=12)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    (answer,) = smollm2_judge.generate([request])
+    assert isinstance(answer, str) and answer
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream was not consumed
+
+
+# --- VLLMJudge ------------------------------------------------------------------------------------------------------
+
+
+def test_vllm_judge_without_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trl_longreward.judges.vllm_judge import VLLMJudge
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
+    with pytest.raises(ImportError, match=r'pip install "trl-longreward\[vllm\]"'):
+        VLLMJudge("any/model")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_vllm_judge_generates() -> None:
+    pytest.importorskip("vllm")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM needs a CUDA GPU")
+    from trl_longreward.judges.vllm_judge import VLLMJudge
+    from trl_longreward.models import default_model_path
+
+    judge = VLLMJudge(str(default_model_path()), gpu_memory_utilization=0.3, max_model_len=2048, enforce_eager=True)
+    results = judge.generate(
+        [_prompt("What is the capital of France?", max_tokens=24), _prompt("word " * 3000, max_tokens=8)]
+    )
+    assert isinstance(results[0], str) and "Paris" in results[0]
+    assert isinstance(results[1], JudgeError)

@@ -1,0 +1,149 @@
+"""`trl-longreward` command line.
+
+    trl-longreward score --input data.jsonl --output scores.jsonl \\
+        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
+
+`score` reads (context, question, response) rows from a JSONL/JSON/Parquet file or a `datasets` directory, judges
+them with LongReward and appends one JSON line per row to `--output` (reward, per-dimension scores and statuses, and
+the judge traces). It is resumable: rows already in the output are skipped, and every judge call already paid for is
+answered from the judge-call cache (default: `<output>.judge_cache.sqlite`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ScoreArguments:
+    input: str = field(metadata={"help": "JSONL/JSON/Parquet file or a datasets directory (save_to_disk)."})
+    output: str = field(metadata={"help": "JSONL file the judgements are appended to (resumable)."})
+    response_column: str = field(default="response", metadata={"help": "Column holding the response to judge."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column with context + separator + question, used without context."}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Rows judged together (all their calls in flight)."})
+    traces: bool = field(default=True, metadata={"help": "Write the judge traces next to the scores."})
+    limit: int | None = field(default=None, metadata={"help": "Judge only the first N rows."})
+
+
+def load_rows(path: str) -> Any:
+    """A `datasets.Dataset` from a file or a `save_to_disk` directory, with a clear error for anything else."""
+    import datasets
+
+    source = Path(path)
+    if source.is_dir():
+        return datasets.load_from_disk(str(source))
+    if not source.is_file():
+        raise FileNotFoundError(f"--input {path!r} does not exist.")
+    suffix = source.suffix.lower()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+    if builder is None:
+        raise ValueError(f"--input {path!r}: use a .jsonl, .json, .parquet or .csv file, or a datasets directory.")
+    return datasets.load_dataset(builder, data_files=str(source), split="train")
+
+
+def _done_indices(output: Path) -> set[int]:
+    done: set[int] = set()
+    if not output.exists():
+        return done
+    with output.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                done.add(int(json.loads(line)["index"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash: that row is judged again (its calls come from the cache)
+    return done
+
+
+def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from .reward import LongRewardFunction
+
+    rows = load_rows(args.input)
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    columns = set(rows.column_names)
+    if args.response_column not in columns:
+        raise ValueError(
+            f"--input has no {args.response_column!r} column (columns: {sorted(columns)}); "
+            "set --response_column to the column holding the answers."
+        )
+    has_context = config.context_column in columns
+    if not has_context and args.prompt_column not in columns:
+        raise ValueError(
+            f"--input needs a {config.context_column!r} column (and {config.question_column!r}), or a "
+            f"{args.prompt_column!r} column written as context + separator + question (columns: {sorted(columns)})."
+        )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if config.cache_path is None:
+        config.cache_path = str(output) + ".judge_cache.sqlite"
+    done = _done_indices(output)
+    todo = [i for i in range(len(rows)) if i not in done]
+    reward = LongRewardFunction(config)
+    try:
+        with output.open("a", encoding="utf-8") as sink, tqdm(total=len(rows), initial=len(done), desc="score") as bar:
+            for start in range(0, len(todo), args.batch_size):
+                indices = todo[start : start + args.batch_size]
+                batch = rows.select(indices)
+                kwargs = {c: batch[c] for c in (config.context_column, config.question_column) if c in columns}
+                prompts = batch[args.prompt_column] if args.prompt_column in columns else None
+                judgements = reward.score(prompts=prompts, completions=batch[args.response_column], **kwargs)
+                for index, judgement in zip(indices, judgements, strict=True):
+                    record = {"index": index, **judgement.to_dict()}
+                    if not args.traces:
+                        record.pop("trace")
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                bar.update(len(indices))
+                bar.set_postfix(reward.runner.counters.totals())
+    finally:
+        reward.close()
+    summary = summarize(output, config.dimensions)
+    summary["judge"] = reward.stats()
+    return summary
+
+
+def summarize(output: Path, dimensions: Sequence[str]) -> dict[str, Any]:
+    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary: dict[str, Any] = {"rows": len(records)}
+    for name in [*dimensions, "reward"]:
+        values = [r["reward"] if name == "reward" else r["scores"].get(name) for r in records]
+        present = [v for v in values if v is not None]
+        summary[name] = {
+            "mean": sum(present) / len(present) if present else None,
+            "scored": len(present),
+            "missing": len(values) - len(present),
+        }
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    from .reward import LongRewardConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: trl-longreward score --input FILE --output FILE [options]  (trl-longreward score --help)")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command != "score":
+        print(f"trl-longreward: unknown command {command!r}; available: score", file=sys.stderr)
+        return 2
+    parser = HfArgumentParser((ScoreArguments, LongRewardConfig), prog="trl-longreward score")
+    args, config = parser.parse_args_into_dataclasses(rest)
+    summary = run_score(args, config)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
