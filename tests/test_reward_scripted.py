@@ -222,7 +222,7 @@ def test_injected_verdict_stays_inert(make_reward, server):
 
 
 def test_calls_run_concurrently_and_respect_the_limit(script):
-    with ScriptedOpenAIServer(script, latency_s=0.05) as slow:
+    with ScriptedOpenAIServer(script, latency_s=0.25) as slow:
         from trl_longreward import LongRewardFunction, OpenAIJudge
 
         for limit, floor in ((64, 8), (3, 3)):

@@ -71,6 +71,9 @@ class _HTTPServer(ThreadingHTTPServer):
     # base class's unbounded join in `server_close` is switched off.
     daemon_threads = True
     block_on_close = False
+    # A judge sees bursts of hundreds of concurrent connections; the default listen backlog of 5 would make the
+    # kernel drop connection attempts and the client wait for a SYN retransmit (a full second).
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], owner: ScriptedOpenAIServer) -> None:
         self.owner = owner
