@@ -1,7 +1,7 @@
 """LongRewardFunction against a scripted judge served over real HTTP and reached through the real openai client.
 
 The scripted judge (trl_longreward.testing.scripted_judge) answers by fixed rules, so each expected score below is
-worked out by hand in the comments.
+worked out by hand in `known_answers.py`.
 """
 
 import asyncio
@@ -9,32 +9,11 @@ import shutil
 from importlib import resources
 
 import pytest
+from known_answers import CONTEXT, EVASIVE, GOOD, PARTLY_WRONG, QUESTION
+from known_answers import rows as _rows
 
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge, tagged
-
-CONTEXT = (
-    "The Alder river floods every spring. The council built a flood barrier in 1998. "
-    "The barrier cost four million pounds. Farmers planted willows along the banks in 2003. "
-    "The town library opened in 1911."
-)
-QUESTION = "When was the flood barrier built and what did the barrier cost?"
-# Notes (one chunk): the two sentences sharing a 5+ letter word with the question: "built ... barrier", "barrier cost".
-GOOD = "The council built a flood barrier in 1998. The barrier cost four million pounds."
-# helpfulness 8, logicality 9, faithfulness 10 (2 statements, both verbatim), completeness 10 (2/2 notes) -> 9.25
-PARTLY_WRONG = "The council built a flood barrier in 1998. The barrier was paid for by the king."
-# faithfulness: Fully + No support ("paid", "king" unsupported) -> 5; others 8, 9, 10 -> 8.0
-EVASIVE = "Sorry, I cannot tell from the document!"
-# helpfulness 2, logicality 9, no statement (no sentence ends in "."), completeness 0 (no note covered)
-
-
-def _rows(*responses):
-    return {
-        "prompts": [CONTEXT + "\n\n" + QUESTION] * len(responses),
-        "completions": list(responses),
-        "context": [CONTEXT] * len(responses),
-        "question": [QUESTION] * len(responses),
-    }
 
 
 def test_exact_scores_for_known_answers(make_reward):

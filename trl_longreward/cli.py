@@ -12,6 +12,7 @@ answered from the judge-call cache (default: `<output>.judge_cache.sqlite`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,16 +49,24 @@ def load_rows(path: str) -> Any:
     return datasets.load_dataset(builder, data_files=str(source), split="train")
 
 
-def _done_indices(output: Path) -> set[int]:
+def _resume_output(output: Path) -> set[int]:
+    """Indices already judged. A line cut short by a crash is dropped (rewritten atomically) and judged again; its
+    judge calls come from the cache."""
     done: set[int] = set()
     if not output.exists():
         return done
-    with output.open(encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                done.add(int(json.loads(line)["index"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash: that row is judged again (its calls come from the cache)
+    kept: list[str] = []
+    damaged = False
+    for line in output.read_text(encoding="utf-8").splitlines():
+        try:
+            done.add(int(json.loads(line)["index"]))
+            kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            damaged = True
+    if damaged:
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, output)
     return done
 
 
@@ -85,7 +94,7 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
     output.parent.mkdir(parents=True, exist_ok=True)
     if config.cache_path is None:
         config.cache_path = str(output) + ".judge_cache.sqlite"
-    done = _done_indices(output)
+    done = _resume_output(output)
     todo = [i for i in range(len(rows)) if i not in done]
     reward = LongRewardFunction(config)
     try:
