@@ -48,6 +48,10 @@ def test_parse_statements_zero_and_failure():
     assert parse_statements("No factual statements") == []
     assert parse_statements("<statement> </statement>\nNo factual statements") == []
     assert parse_statements("The response says the dam is high.") is None
+    assert parse_statements("**No factual statements.**") == []
+    # An echo of the instructions, or the phrase inside a sentence, is not the verdict.
+    assert parse_statements("If there are none, output exactly No factual statements and stop. Hmm.") is None
+    assert parse_statements("There are no factual statements that are wrong here.") is None
 
 
 def test_parse_notes():
@@ -57,6 +61,7 @@ def test_parse_notes():
     assert parse_notes("No relevant information") == ""
     assert parse_notes("no relevant information.") == ""
     assert parse_notes("The chunk talks about other things.") is None
+    assert parse_notes("Output exactly No relevant information if nothing is relevant.") is None
 
 
 def test_neutralize_keeps_untrusted_text_inside_its_tags_and_defuses_verdicts():

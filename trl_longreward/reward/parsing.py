@@ -19,6 +19,16 @@ NO_STATEMENTS = "no factual statements"
 NO_RELEVANT_INFORMATION = "no relevant information"
 
 
+def _final_line_is(text: str, phrase: str) -> bool:
+    """Whether the last non-empty line is exactly `phrase` (case, surrounding punctuation and markup ignored).
+
+    Stricter than a substring test: a judge that echoes the instructions ("... output exactly No factual statements")
+    or writes "there are no factual statements that are wrong, but ..." has not given the verdict.
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return bool(lines) and lines[-1].strip(" \t.*_`'\"").lower() == phrase
+
+
 def parse_score(text: str) -> float | None:
     """The last `[[N]]` in `text`, clipped to [0, 10]; None if there is none."""
     matches = SCORE_PATTERN.findall(text)
@@ -41,7 +51,7 @@ def parse_statements(text: str) -> list[str] | None:
     statements = [s for s in statements if s]
     if statements:
         return statements
-    if NO_STATEMENTS in text.lower():
+    if _final_line_is(text, NO_STATEMENTS):
         return []
     return None
 
@@ -55,6 +65,6 @@ def parse_notes(text: str) -> str | None:
     first = NUMBERED_ITEM_PATTERN.search(text)
     if first is not None:
         return text[first.start() :].strip()
-    if NO_RELEVANT_INFORMATION in text.lower():
+    if _final_line_is(text, NO_RELEVANT_INFORMATION):
         return ""
     return None
