@@ -219,3 +219,17 @@ def test_calls_run_concurrently_and_respect_the_limit(script):
 
 def test_name_is_long_reward(make_reward):
     assert make_reward().__name__ == "long_reward"
+
+
+def test_embedding_retrieval_finds_the_support_deep_in_a_long_document(make_reward, server):
+    filler = " ".join(f"Paragraph {i} describes the weather, the markets and the old harbour." for i in range(120))
+    context = filler + " The council built a flood barrier in 1998. " + filler
+    reward = make_reward(retriever="embedding", faithfulness_chunk_tokens=32, dimensions=["faithfulness"])
+    (judgement,) = reward.score(
+        prompts=None, completions=["The council built a flood barrier in 1998."], context=[context], question=[QUESTION]
+    )
+    check = judgement.trace["faithfulness"]["checks"][0]
+    assert len(check["passages"]) == 5 and check["passages"] == sorted(check["passages"])
+    assert judgement.scores["faithfulness"] == 10.0  # the one supporting chunk was among the top 5
+    sent = server.requests[-1]["messages"][-1]["content"]
+    assert "[1] " in tagged(sent, "passages") and "[5] " in tagged(sent, "passages")

@@ -184,8 +184,9 @@ def test_server_is_pinned_to_the_model_path(served: Served) -> None:
         completion = client.chat.completions.create(model=served.model, messages=messages, max_tokens=8, temperature=0)
         assert completion.model == f"{served.model}@main"
         assert isinstance(completion.choices[0].message.content, str) and completion.choices[0].message.content
-        with pytest.raises(openai.BadRequestError, match="pinned"):
+        with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="some-other-model", messages=messages, max_tokens=1)
+        assert "pinned" in refused.value.response.text
     finally:
         client.close()
 
