@@ -105,9 +105,15 @@ class Served:
     base_url: str
     model: str
 
-    def chat_posts(self) -> list[int]:
-        """HTTP status of every chat completion the server logged (uvicorn access log)."""
-        return [int(code) for code in _POST_CHAT.findall(self.process.log_path.read_text(errors="replace"))]
+    def chat_posts(self, at_least: int = 0, wait: float = 10.0) -> list[int]:
+        """HTTP status of every chat completion the server logged (uvicorn access log); waits up to `wait` seconds
+        for `at_least` of them, as a line is written just after its response went out."""
+        deadline = time.monotonic() + wait
+        while True:
+            codes = [int(code) for code in _POST_CHAT.findall(self.process.log_path.read_text(errors="replace"))]
+            if len(codes) >= at_least or time.monotonic() > deadline:
+                return codes
+            time.sleep(0.1)
 
 
 @dataclass
@@ -115,9 +121,8 @@ class FirstRun:
     judgements: list[Judgement]
     stats: dict
     judge_requests: int
-    server_posts: int
+    server_codes: list[int]
     cache_path: Path
-    seconds: float
 
 
 def _judge(served: Served) -> OpenAIJudge:
@@ -161,17 +166,14 @@ def served() -> Iterator[Served]:
 def first_run(served: Served, tmp_path_factory: pytest.TempPathFactory) -> FirstRun:
     cache_path = tmp_path_factory.mktemp("serve_cache") / "cache.sqlite"
     posts_before = len(served.chat_posts())
-    start = time.perf_counter()
     reward, judgements = _score(served, cache_path)
-    seconds = time.perf_counter() - start
     try:
         return FirstRun(
             judgements=judgements,
             stats=reward.stats(),
             judge_requests=reward.judge.stats.requests,
-            server_posts=len(served.chat_posts()) - posts_before,
+            server_codes=served.chat_posts(at_least=posts_before + reward.stats()["judge_calls"])[posts_before:],
             cache_path=cache_path,
-            seconds=seconds,
         )
     finally:
         reward.close()
@@ -216,7 +218,8 @@ def test_scores_long_context_answers_end_to_end(first_run: FirstRun) -> None:
 def test_every_judge_call_reached_the_server(first_run: FirstRun) -> None:
     assert first_run.judge_requests == first_run.stats["judge_calls"]
     # uvicorn logs every chat completion it answered; transport retries would only add to them.
-    assert first_run.server_posts >= first_run.stats["judge_calls"]
+    assert len(first_run.server_codes) >= first_run.stats["judge_calls"]
+    assert set(first_run.server_codes) == {200}
 
 
 def test_a_fresh_reward_replays_the_on_disk_cache(served: Served, first_run: FirstRun) -> None:

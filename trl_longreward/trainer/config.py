@@ -1,0 +1,132 @@
+"""`LongContextDPOConfig`: TRL's `DPOConfig` with the paper's defaults and the online-sampling knobs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from trl import DPOConfig
+
+
+@dataclass
+class LongContextDPOConfig(DPOConfig):
+    r"""
+    Configuration of [`LongContextDPOTrainer`]. All `trl.DPOConfig` fields apply; defaults follow the paper.
+
+    Parameters:
+        > DPO (paper defaults)
+
+        beta: 0.15. loss_type / loss_weights: `["sigmoid", "sft"]` / `[1.0, 0.1]` (DPO + 0.1 x NLL of the chosen
+        response). learning_rate: 1e-6.
+
+        > Online sampling
+
+        num_samples (`int`, defaults to 4): Responses sampled per prompt from the current policy (k; the paper used
+            10). Must be >= 2.
+        temperature / top_p (`float`): Sampling settings (paper: temperature 1.0).
+        max_new_tokens (`int`): Length budget of each sampled response.
+        max_prompt_length (`int`): Token budget of the policy's prompt; longer documents are cut in the MIDDLE (head
+            and tail kept, never the question). The judge always sees the full document.
+        generation_backend (`str`): `"transformers"` (generate inside the training process). vLLM generation is not
+            available yet and fails at construction.
+        generation_batch_size (`int` or `None`): Prompts per `generate` call; None = the whole per-device batch.
+
+        > Pairs
+
+        min_scored_samples (`int` or `None`): Samples of a prompt that must be scored for a pair; None = half of
+            `num_samples`, rounded up, at least 2 (the reference: 5 of 10).
+        min_reward_gap (`float`): Minimum chosen-rejected reward difference (the reference had none: 0).
+        tie_policy (`str`): `"skip"`: no pair when every scored sample has the same reward.
+
+        > Reward
+
+        long_reward (`dict` or `None`): `LongRewardConfig` fields for the default reward when `reward_funcs` is not
+            passed to the trainer (e.g. `{"judge_base_url": ..., "judge_model": ...}`).
+        reward_weights (`list[float]` or `None`): Weights of several reward functions; default equal.
+        judge_cache_path (`str` or `None`): Judge-call cache of the default reward; None =
+            `<output_dir>/judge_cache.sqlite`, so a resumed run never pays for a judge call twice.
+
+        > Offline pairs
+
+        offline_ratio (`float`): Share of each batch's pairs taken from `offline_dataset` (prompt/chosen/rejected, e.g.
+            ordinary short-context DPO data). 0 = online pairs only.
+    """
+
+    beta: float = field(default=0.15, metadata={"help": "DPO beta (paper: 0.15)."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate (paper: 1e-6)."})
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid", "sft"],
+        metadata={"help": "DPO losses; paper: sigmoid + sft (NLL of the chosen response)."},
+    )
+    loss_weights: list[float] | None = field(
+        default_factory=lambda: [1.0, 0.1], metadata={"help": "Weights of loss_type; paper: [1.0, 0.1]."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Cap on prompt+response tokens; None: prompts are fitted by max_prompt_length instead."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: the reward needs context and question."}
+    )
+    num_samples: int = field(default=4, metadata={"help": "Responses sampled per prompt (k; paper: 10)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top_p."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Max tokens per sampled response."})
+    max_prompt_length: int = field(
+        default=2048, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
+    )
+    generation_backend: Literal["transformers", "vllm_colocate", "vllm_server"] = field(
+        default="transformers", metadata={"help": "How responses are sampled: transformers (generate in process)."}
+    )
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Prompts per generate call; default: the whole per-device batch."}
+    )
+    min_scored_samples: int | None = field(
+        default=None, metadata={"help": "Scored samples needed for a pair; default ceil(num_samples / 2), >= 2."}
+    )
+    min_reward_gap: float = field(default=0.0, metadata={"help": "Minimum chosen-rejected reward gap."})
+    tie_policy: Literal["skip", "first_last"] = field(
+        default="skip", metadata={"help": "When all scored samples tie: skip (no pair) or first_last."}
+    )
+    long_reward: dict[str, Any] | None = field(
+        default=None, metadata={"help": "LongRewardConfig fields for the default reward (judge endpoint etc.)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions; default equal."}
+    )
+    judge_cache_path: str | None = field(
+        default=None, metadata={"help": "Judge-call cache file; default <output_dir>/judge_cache.sqlite."}
+    )
+    offline_ratio: float = field(
+        default=0.0, metadata={"help": "Share of each batch's pairs drawn from offline_dataset."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_samples < 2:
+            raise ValueError(
+                f"num_samples={self.num_samples}: best-vs-worst pairs need at least 2 samples per prompt "
+                "(the paper used 10)."
+            )
+        if self.min_scored_samples is None:
+            self.min_scored_samples = max(2, math.ceil(self.num_samples / 2))
+        if not 2 <= self.min_scored_samples <= self.num_samples:
+            raise ValueError(f"min_scored_samples must be in [2, num_samples={self.num_samples}].")
+        if self.generation_backend != "transformers":
+            raise ValueError(
+                f"generation_backend={self.generation_backend!r} is not available yet; use 'transformers'. "
+                "A vLLM judge works already: point the reward at `vllm serve` (judge_base_url)."
+            )
+        if not 0.0 <= self.offline_ratio < 1.0:
+            raise ValueError(f"offline_ratio must be in [0, 1), got {self.offline_ratio}.")
+        if self.min_reward_gap < 0:
+            raise ValueError("min_reward_gap must be >= 0.")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: pairs need diverse samples.")
+        if self.max_new_tokens < 1 or self.max_prompt_length < 16:
+            raise ValueError("max_new_tokens must be >= 1 and max_prompt_length >= 16.")
+        if self.precompute_ref_log_probs:
+            raise ValueError(
+                "precompute_ref_log_probs=True cannot apply: the pairs are generated during training. Set it to False."
+            )

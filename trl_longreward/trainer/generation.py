@@ -1,0 +1,70 @@
+"""Sample k responses per prompt from the current policy with `generate` (TRL's unwrap handles DeepSpeed/FSDP)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl.models.utils import unwrap_model_for_generation
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def _completion_ids(row: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated tokens up to and including the first EOS (what follows is padding)."""
+    for i, token in enumerate(row):
+        if token in eos_ids:
+            return row[: i + 1]
+    return row
+
+
+@torch.no_grad()
+def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """For each row, `num_samples` dicts with `completion_ids` and decoded `text`."""
+    args = trainer.args
+    tokenizer = trainer._tokenizer
+    eos = trainer.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    batch_size = args.generation_batch_size or len(rows)
+    out: list[list[dict[str, Any]]] = []
+    with unwrap_model_for_generation(
+        trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+    ) as model:
+        was_training = model.training
+        model.eval()
+        try:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start : start + batch_size]
+                input_ids, attention_mask = _left_pad([r["prompt_ids"] for r in chunk], tokenizer.pad_token_id)
+                device = trainer.accelerator.device
+                generated = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    do_sample=True,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    top_k=0,
+                    max_new_tokens=args.max_new_tokens,
+                    num_return_sequences=args.num_samples,
+                    pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True,
+                )
+                new_tokens = generated[:, input_ids.shape[1] :].tolist()
+                for i in range(len(chunk)):
+                    per_prompt = []
+                    for row in new_tokens[i * args.num_samples : (i + 1) * args.num_samples]:
+                        ids = _completion_ids(row, eos_ids)
+                        per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
+                    out.append(per_prompt)
+        finally:
+            if was_training:
+                model.train()
+    return out

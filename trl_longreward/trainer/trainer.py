@@ -1,0 +1,308 @@
+"""`LongContextDPOTrainer`: online DPO on LongReward pairs, as a drop-in `trl.DPOTrainer` subclass.
+
+Each training step, for the prompts of the batch:
+1. sample `num_samples` responses per prompt from the current policy (`generation.py`),
+2. score them with the reward functions (by default a `LongRewardFunction`; the judge sees the FULL document),
+3. pair the best and the worst sample of each prompt (`pairs.py`), from the policy's own tokens,
+4. add offline pairs at `offline_ratio`, and take a DPO step on the pairs (TRL's loss, unchanged).
+Prompts without a valid pair are skipped and counted. A rank without any pair still runs a forward/backward with its
+loss scaled to 0, so distributed ranks never wait on each other forever.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import get_callable_name
+
+from .config import LongContextDPOConfig
+from .generation import generate_samples
+from .pairs import SKIP_REASONS, select_best_worst
+from .prompts import PromptCollator, prepare_prompt_dataset
+
+_LOSS_SCALE = "loss_scale"
+
+
+class LongContextDPOTrainer(DPOTrainer):
+    """Online DPO with LongReward pairs.
+
+    ```python
+    trainer = LongContextDPOTrainer(
+        model="my-long-context-sft",
+        args=LongContextDPOConfig(output_dir="out", num_samples=4,
+                                  long_reward={"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}),
+        train_dataset=dataset,  # columns: context + question (or prompt = context + "\\n\\n" + question)
+    )
+    trainer.train()
+    ```
+
+    Args:
+        model, ref_model, processing_class, peft_config, callbacks, optimizers, quantization_config: as in
+            `trl.DPOTrainer`. With PEFT the reference is the model with its adapters disabled.
+        train_dataset: prompts, with `context` and `question` columns (names from `long_reward`) or a `prompt`
+            column written as context + "\\n\\n" + question; other columns reach the reward functions.
+        reward_funcs: reward functions (TRL protocol: `f(prompts, completions, completion_ids, **columns)`);
+            default: one `LongRewardFunction` built from `args.long_reward`, caching at `args.judge_cache_path`.
+        offline_dataset: preference rows (prompt/chosen/rejected) mixed in at `args.offline_ratio`.
+        eval_dataset: preference rows (prompt/chosen/rejected) evaluated with TRL's DPO metrics.
+    """
+
+    _tag_names = ["trl", "dpo", "long-reward", "trl-longreward"]
+
+    def __init__(
+        self,
+        model: Any,
+        ref_model: Any = None,
+        args: LongContextDPOConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_funcs: Callable | Sequence[Callable] | None = None,
+        offline_dataset: Dataset | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ) -> None:
+        if args is None:
+            args = LongContextDPOConfig(output_dir="long-context-dpo")
+        if not isinstance(args, LongContextDPOConfig):
+            raise TypeError(f"args must be a LongContextDPOConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required: prompts with context and question columns.")
+        if args.offline_ratio > 0 and offline_dataset is None:
+            raise ValueError(f"offline_ratio={args.offline_ratio} needs offline_dataset (prompt/chosen/rejected rows).")
+        self._long_reward_columns = _reward_columns(args)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=PromptCollator(),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self.preference_collator = DataCollatorForPreference(
+            pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length
+        )
+        self.reward_funcs = self._build_reward_funcs(reward_funcs)
+        self.reward_func_names = [get_callable_name(f) for f in self.reward_funcs]
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions.")
+        self.reward_weights = [float(w) for w in weights]
+        self.offline_dataset = None
+        if offline_dataset is not None:
+            _check_offline_columns(offline_dataset)
+            self.offline_dataset = DPOTrainer._prepare_dataset(self, offline_dataset, self.processing_class, args, "offline")
+        self._offline_cursor = 0
+        self.pair_stats: Counter = Counter()
+        self.last_selections: list = []  # the latest step's pair selections and rewards, for inspection
+        self.last_rewards: list[float | None] = []
+
+    # ----- data -----
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if dataset_name != "train":  # evaluation data is ordinary preference data
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        return prepare_prompt_dataset(
+            dataset,
+            self._tokenizer,
+            max_prompt_length=args.max_prompt_length,
+            context_column=self._long_reward_columns[0],
+            question_column=self._long_reward_columns[1],
+        )
+
+    def _build_reward_funcs(self, reward_funcs) -> list[Callable]:
+        if reward_funcs is None:
+            from ..reward import LongRewardConfig, LongRewardFunction
+
+            fields = dict(self.args.long_reward or {})
+            fields.setdefault("cache_path", self.args.judge_cache_path or os.path.join(self.args.output_dir, "judge_cache.sqlite"))
+            return [LongRewardFunction(LongRewardConfig(**fields))]
+        funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
+        for func in funcs:
+            if not callable(func):
+                raise TypeError(f"reward_funcs must be callables (TRL reward functions), got {type(func).__name__}.")
+        return funcs
+
+    # ----- the online step -----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows: list[dict[str, Any]] = inputs
+        k = self.args.num_samples
+        started = time.perf_counter()
+        samples = generate_samples(self, rows)
+        generated = time.perf_counter()
+        rewards, reward_metrics = self._score(rows, samples)
+        judged = time.perf_counter()
+
+        examples, selections = [], []
+        for i, row in enumerate(rows):
+            selection = select_best_worst(
+                rewards[i * k : (i + 1) * k],
+                min_scored=self.args.min_scored_samples,
+                min_gap=self.args.min_reward_gap,
+                ties=self.args.tie_policy,
+            )
+            selections.append(selection)
+            if selection.ok:
+                examples.append(
+                    {
+                        "prompt_ids": row["prompt_ids"],
+                        "chosen_ids": samples[i][selection.chosen]["completion_ids"],
+                        "rejected_ids": samples[i][selection.rejected]["completion_ids"],
+                    }
+                )
+        num_online = len(examples)
+        examples.extend(self._offline_examples(num_online))
+        num_offline = len(examples) - num_online
+        loss_scale = 1.0
+        if not examples:  # keep this rank in step with the others: a real forward/backward whose loss counts 0
+            first = samples[0][0]["completion_ids"]
+            examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
+            loss_scale = 0.0
+        batch = self.preference_collator(examples)
+        batch[_LOSS_SCALE] = torch.tensor(loss_scale)
+        loss = super().training_step(model, batch, num_items_in_batch)
+        trained = time.perf_counter()
+
+        self.last_selections = selections
+        self.last_rewards = rewards
+        self._log_step(rows, selections, num_online, num_offline, rewards, reward_metrics)
+        for name, seconds in (
+            ("generation", generated - started),
+            ("judging", judged - generated),
+            ("training", trained - judged),
+        ):
+            self._metrics["train"][f"time/{name}_s"].append(seconds)
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        scale = inputs.pop(_LOSS_SCALE, None)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if scale is None:
+            return result
+        if return_outputs:
+            return result[0] * scale, result[1]
+        return result * scale
+
+    def _score(self, rows: list[dict[str, Any]], samples: list[list[dict[str, Any]]]):
+        """Rewards of every sample (prompt-major, k per prompt) and the metrics the reward functions logged."""
+        k = self.args.num_samples
+        prompts = [row["prompt"] for row in rows for _ in range(k)]
+        conversational = isinstance(rows[0]["prompt"], list)
+        completions = [
+            [{"role": "assistant", "content": s["text"]}] if conversational else s["text"]
+            for per_prompt in samples
+            for s in per_prompt
+        ]
+        completion_ids = [s["completion_ids"] for per_prompt in samples for s in per_prompt]
+        columns = {
+            key: [row[key] for row in rows for _ in range(k)]
+            for key in rows[0]
+            if key not in ("prompt", "prompt_ids", "policy_prompt", "truncated")
+        }
+        logged: dict[str, list[float]] = {}
+
+        def log_metric(name: str, value: float) -> None:
+            logged.setdefault(name, []).append(float(value))
+
+        totals = [0.0] * len(prompts)
+        present = [False] * len(prompts)
+        for func, weight in zip(self.reward_funcs, self.reward_weights, strict=True):
+            values = func(
+                prompts=prompts,
+                completions=completions,
+                completion_ids=completion_ids,
+                trainer_state=self.state,
+                log_metric=log_metric,
+                **columns,
+            )
+            if len(values) != len(prompts):
+                raise ValueError(f"Reward function {get_callable_name(func)} returned {len(values)} values for {len(prompts)}.")
+            for j, value in enumerate(values):
+                if value is not None and not math.isnan(value):
+                    totals[j] += weight * float(value)
+                    present[j] = True
+        rewards = [t if p else None for t, p in zip(totals, present, strict=True)]
+        return rewards, {name: sum(v) / len(v) for name, v in logged.items()}
+
+    def _offline_examples(self, num_online: int) -> list[dict[str, Any]]:
+        """`offline_ratio` of the batch's pairs, drawn in order from the offline data (cycling)."""
+        ratio = self.args.offline_ratio
+        if self.offline_dataset is None or ratio <= 0:
+            return []
+        total = max(self.args.per_device_train_batch_size, num_online)
+        count = max(1, round(total * ratio)) if num_online else max(1, round(self.args.per_device_train_batch_size * ratio))
+        out = []
+        for _ in range(count):
+            row = self.offline_dataset[self._offline_cursor % len(self.offline_dataset)]
+            self._offline_cursor += 1
+            out.append({key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")})
+        return out
+
+    # ----- logging -----
+
+    def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics) -> None:
+        metrics = self._metrics["train"]
+        stats = torch.tensor(
+            [
+                len(rows),
+                num_online,
+                num_offline,
+                sum(s.chosen_reward for s in selections if s.ok),
+                sum(s.rejected_reward for s in selections if s.ok),
+                sum(1 for r in rewards if r is None),
+                len(rewards),
+                sum(1 for row in rows if row.get("truncated")),
+                *(sum(1 for s in selections if s.skip_reason == reason) for reason in SKIP_REASONS),
+            ],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        stats = self.accelerator.reduce(stats, reduction="sum")  # every rank calls this once per step
+        prompts, online, offline, chosen, rejected, unscored, scored_total, truncated = stats[:8].tolist()
+        skipped = dict(zip(SKIP_REASONS, stats[8:].tolist(), strict=True))
+        metrics["pairs/valid_pair_rate"].append(online / prompts)
+        metrics["pairs/online"].append(online)
+        metrics["pairs/offline"].append(offline)
+        metrics["pairs/unscored_sample_rate"].append(unscored / scored_total)
+        metrics["prompts/truncated_rate"].append(truncated / prompts)
+        for reason, count in skipped.items():
+            metrics[f"pairs/skipped_{reason}"].append(count)
+        if online:
+            metrics["rewards/chosen_mean"].append(chosen / online)
+            metrics["rewards/rejected_mean"].append(rejected / online)
+            metrics["rewards/gap_mean"].append((chosen - rejected) / online)
+        for name, value in reward_metrics.items():
+            metrics[name].append(value)
+        self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(offline)})
+        self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
+
+
+def _reward_columns(args: LongContextDPOConfig) -> tuple[str, str]:
+    fields = args.long_reward or {}
+    return fields.get("context_column", "context"), fields.get("question_column", "question")
+
+
+def _check_offline_columns(dataset: Dataset) -> None:
+    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(
+            f"offline_dataset lacks columns {sorted(missing)} (has {dataset.column_names}): it must be preference data "
+            "with prompt, chosen and rejected columns, e.g. an ordinary DPO dataset."
+        )
