@@ -27,44 +27,72 @@ def _completion_ids(row: list[int], eos_ids: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """For each row, `num_samples` dicts with `completion_ids` and decoded `text`."""
-    args = trainer.args
-    tokenizer = trainer._tokenizer
-    eos = trainer.model.generation_config.eos_token_id
+def sample_responses(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    device: Any = None,
+) -> list[list[dict[str, Any]]]:
+    """`num_samples` sampled responses per prompt (left-padded batches of `batch_size` prompts), each a dict with
+    `completion_ids` (up to and including the first EOS) and the decoded `text`. The model is put in eval mode for
+    the duration and restored."""
+    eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    batch_size = args.generation_batch_size or len(rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = device if device is not None else next(model.parameters()).device
+    batch_size = batch_size or len(prompt_ids)
     out: list[list[dict[str, Any]]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[start : start + batch_size]
+            input_ids, attention_mask = _left_pad(chunk, pad_id)
+            generated = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=pad_id,
+                use_cache=True,
+            )
+            new_tokens = generated[:, input_ids.shape[1] :].tolist()
+            for i in range(len(chunk)):
+                per_prompt = []
+                for row in new_tokens[i * num_samples : (i + 1) * num_samples]:
+                    ids = _completion_ids(row, eos_ids)
+                    per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
+                out.append(per_prompt)
+    finally:
+        if was_training:
+            model.train()
+    return out
+
+
+def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The trainer's policy samples `num_samples` responses for each row (unwrapped from DDP/DeepSpeed/FSDP)."""
+    args = trainer.args
     with unwrap_model_for_generation(
         trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
     ) as model:
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
-                input_ids, attention_mask = _left_pad([r["prompt_ids"] for r in chunk], tokenizer.pad_token_id)
-                device = trainer.accelerator.device
-                generated = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    do_sample=True,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    top_k=0,
-                    max_new_tokens=args.max_new_tokens,
-                    num_return_sequences=args.num_samples,
-                    pad_token_id=tokenizer.pad_token_id,
-                    use_cache=True,
-                )
-                new_tokens = generated[:, input_ids.shape[1] :].tolist()
-                for i in range(len(chunk)):
-                    per_prompt = []
-                    for row in new_tokens[i * args.num_samples : (i + 1) * args.num_samples]:
-                        ids = _completion_ids(row, eos_ids)
-                        per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
-                    out.append(per_prompt)
-        finally:
-            if was_training:
-                model.train()
-    return out
+        return sample_responses(
+            model,
+            trainer._tokenizer,
+            [r["prompt_ids"] for r in rows],
+            num_samples=args.num_samples,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.generation_batch_size,
+            device=trainer.accelerator.device,
+        )
