@@ -7,6 +7,12 @@
 them with LongReward and appends one JSON line per row to `--output` (reward, per-dimension scores and statuses, and
 the judge traces). It is resumable: rows already in the output are skipped, and every judge call already paid for is
 answered from the judge-call cache (default: `<output>.judge_cache.sqlite`).
+
+    trl-longreward build-pairs --model SFT_MODEL --input prompts.jsonl --output_dir pairs_out \\
+        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
+
+`build-pairs` is the paper's offline pipeline: k sampled responses per prompt, judged, best vs worst saved as a DPO
+preference dataset (see `trl_longreward.pairs_builder`); resumable the same way.
 """
 
 from __future__ import annotations
@@ -134,6 +140,18 @@ def summarize(output: Path, dimensions: Sequence[str]) -> dict[str, Any]:
     return summary
 
 
+USAGE = """usage: trl-longreward COMMAND [options]
+
+commands:
+  score        judge (context, question, response) rows:
+                 trl-longreward score --input FILE --output FILE [options]
+  build-pairs  sample k responses per prompt, judge them, save best-vs-worst DPO pairs:
+                 trl-longreward build-pairs --model PATH --input FILE --output_dir DIR [options]
+
+`trl-longreward COMMAND --help` lists the options of a command (the judge's included)."""
+COMMANDS = ("score", "build-pairs")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
@@ -141,15 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: trl-longreward score --input FILE --output FILE [options]  (trl-longreward score --help)")
+        print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command != "score":
-        print(f"trl-longreward: unknown command {command!r}; available: score", file=sys.stderr)
+    if command == "score":
+        parser = HfArgumentParser((ScoreArguments, LongRewardConfig), prog="trl-longreward score")
+        args, config = parser.parse_args_into_dataclasses(rest)
+        summary = run_score(args, config)
+    elif command == "build-pairs":
+        from .pairs_builder import BuildPairsArguments, build_pairs
+
+        parser = HfArgumentParser((BuildPairsArguments, LongRewardConfig), prog="trl-longreward build-pairs")
+        pair_args, config = parser.parse_args_into_dataclasses(rest)
+        summary = build_pairs(pair_args, config)
+    else:
+        print(f"trl-longreward: unknown command {command!r}; available: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    parser = HfArgumentParser((ScoreArguments, LongRewardConfig), prog="trl-longreward score")
-    args, config = parser.parse_args_into_dataclasses(rest)
-    summary = run_score(args, config)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0
 

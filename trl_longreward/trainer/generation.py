@@ -76,7 +76,24 @@ def sample_responses(
     finally:
         if was_training:
             model.train()
+            _unpack_cpu_4bit_weights(model)
     return out
+
+
+def _unpack_cpu_4bit_weights(model: Any) -> None:
+    """Undo bitsandbytes' CPU inference packing of 4-bit weights before training resumes.
+
+    On CPU, a bitsandbytes `Linear4bit` in eval mode repacks its weight for a fast inference kernel that has no
+    backward; training through it afterwards silently yields no gradients (QLoRA adapters would never learn). The
+    inverse conversion is bitsandbytes' own (the one it applies before saving a state dict).
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
 def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

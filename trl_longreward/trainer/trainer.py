@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from datasets import Dataset
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -112,6 +113,9 @@ class LongContextDPOTrainer(DPOTrainer):
         self.pair_stats: Counter = Counter()
         self.last_selections: list = []  # the latest step's pair selections and rewards, for inspection
         self.last_rewards: list[float | None] = []
+        # Trainer gave every rank the same seed, so all ranks would sample the same tokens; offset it by the rank,
+        # as TRL's GRPOTrainer does. Data sharding is unaffected: the samplers have their own seeded generators.
+        set_seed(args.seed, device_specific=True)
 
     # ----- data -----
 
@@ -242,12 +246,16 @@ class LongContextDPOTrainer(DPOTrainer):
         return rewards, {name: sum(v) / len(v) for name, v in logged.items()}
 
     def _offline_examples(self, num_online: int) -> list[dict[str, Any]]:
-        """`offline_ratio` of the batch's pairs, drawn in order from the offline data (cycling)."""
+        """Offline pairs so that they make up `offline_ratio` of the step's pairs (drawn in order, cycling).
+
+        With no online pair this step, the count is taken relative to the per-device batch size, so the step still
+        trains on offline data.
+        """
         ratio = self.args.offline_ratio
         if self.offline_dataset is None or ratio <= 0:
             return []
-        total = max(self.args.per_device_train_batch_size, num_online)
-        count = max(1, round(total * ratio)) if num_online else max(1, round(self.args.per_device_train_batch_size * ratio))
+        base = num_online or self.args.per_device_train_batch_size
+        count = max(1, round(base * ratio / (1.0 - ratio)))
         out = []
         for _ in range(count):
             row = self.offline_dataset[self._offline_cursor % len(self.offline_dataset)]

@@ -1,0 +1,234 @@
+"""LongContextDPOTrainer: online sampling, judging over real HTTP, best-vs-worst pairs and DPO steps on CPU."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from known_answers import CONTEXT, QUESTION
+from tiny_models import tiny_llama
+
+from trl_longreward import LongContextDPOConfig, LongContextDPOTrainer, LongRewardFunction, OpenAIJudge
+from trl_longreward.testing.openai_server import ScriptedOpenAIServer
+from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
+from trl_longreward.trainer.prompts import prepare_prompt_dataset
+from trl_longreward.trainer.truncation import TRUNCATION_MARKER
+
+
+def length_helpfulness(question: str, response: str) -> float:
+    return float(len(response) % 11)  # samples of different lengths get different rewards
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def judge_server():
+    with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=length_helpfulness)) as server:
+        yield server
+
+
+def _dataset(n=4):
+    return Dataset.from_list([{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(n)])
+
+
+def _config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=3,
+        num_samples=4,
+        max_new_tokens=16,
+        max_prompt_length=256,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        learning_rate=1e-2,
+        seed=0,
+    )
+    values.update(overrides)
+    return LongContextDPOConfig(**values)
+
+
+def _reward(server, tmp_path, **overrides):
+    return LongRewardFunction(
+        judge=OpenAIJudge("scripted-judge", server.base_url, max_retries=0),
+        retriever="bm25",
+        chunk_tokenizer="regex",
+        cache_path=str(tmp_path / "judge_cache.sqlite"),
+        **overrides,
+    )
+
+
+def _trainer(model_path, tmp_path, server, **config):
+    dataset = config.pop("train_dataset", None) or _dataset()
+    return LongContextDPOTrainer(
+        model=model_path, args=_config(tmp_path, **config), train_dataset=dataset, reward_funcs=[_reward(server, tmp_path)]
+    )
+
+
+def test_online_dpo_trains_every_parameter_and_logs_the_reward(model_path, tmp_path, judge_server):
+    trainer = _trainer(model_path, tmp_path, judge_server)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        assert not torch.equal(param, before[name]), f"{name} did not change"
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3
+    for key in (
+        "pairs/valid_pair_rate", "rewards/chosen_mean", "rewards/rejected_mean", "rewards/gap_mean",
+        "long_reward/helpfulness/mean", "long_reward/logicality/mean", "long_reward/completeness/mean",
+        "long_reward/reward/mean", "long_reward/judge_calls", "time/generation_s", "time/judging_s", "time/training_s",
+    ):  # fmt: skip
+        assert key in logs[-1], key
+    assert all(log["pairs/valid_pair_rate"] > 0 for log in logs)
+    assert judge_server.num_chat_requests > 0
+    # Chosen is the best-scored sample of its prompt, rejected the worst.
+    k = trainer.args.num_samples
+    for i, selection in enumerate(trainer.last_selections):
+        scored = [r for r in trainer.last_rewards[i * k : (i + 1) * k] if r is not None]
+        if selection.ok:
+            assert selection.chosen_reward == max(scored) and selection.rejected_reward == min(scored)
+            assert trainer.last_rewards[i * k + selection.chosen] == max(scored)
+
+
+def test_prompts_are_cut_in_the_middle_of_the_document_never_dropped(model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    long_context = "HEAD sentence opens the report. " + "Filler about nothing. " * 400 + "TAIL sentence closes it."
+    dataset = Dataset.from_list([{"context": long_context, "question": QUESTION}, {"context": CONTEXT, "question": QUESTION}])
+    prepared = prepare_prompt_dataset(dataset, tokenizer, max_prompt_length=128)
+    assert len(prepared) == 2  # no row dropped
+    cut = prepared[0]
+    assert cut["truncated"] and not prepared[1]["truncated"]
+    assert len(cut["prompt_ids"]) <= 128
+    policy_text = cut["policy_prompt"]
+    assert policy_text.startswith("HEAD sentence opens the report.") and TRUNCATION_MARKER in policy_text
+    assert policy_text.endswith("TAIL sentence closes it.\n\n" + QUESTION)
+    assert cut["prompt"] == long_context + "\n\n" + QUESTION  # the judge sees the whole document
+    assert tokenizer.decode(cut["prompt_ids"]).rstrip().endswith("assistant")  # chat template, generation prompt
+
+
+def test_lora_trains_only_the_adapter_and_the_reference_is_the_base(model_path, tmp_path, judge_server):
+    from peft import LoraConfig
+
+    trainer = LongContextDPOTrainer(
+        model=model_path,
+        args=_config(tmp_path, max_steps=2),
+        train_dataset=_dataset(),
+        reward_funcs=[_reward(judge_server, tmp_path)],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(params[n], v) for n, v in trainable.items() if "lora_B" in n)
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+
+
+@pytest.mark.slow
+def test_qlora_4bit_trains_on_cpu(tmp_path, judge_server):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    path = tiny_llama(tmp_path / "model64", hidden_size=64)
+    trainer = LongContextDPOTrainer(
+        model=path,
+        args=_config(tmp_path, max_steps=2, model_init_kwargs={"device_map": "cpu"}),
+        train_dataset=_dataset(),
+        reward_funcs=[_reward(judge_server, tmp_path)],
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    )
+    assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert sum(log["pairs/online"] for log in trainer.state.log_history if "loss" in log) > 0
+    params = dict(trainer.model.named_parameters())
+    assert lora_b and all(not torch.equal(params[n], v) for n, v in lora_b.items())
+
+
+@pytest.mark.parametrize(("ratio", "offline_per_online"), [(0.5, 1.0), (0.25, 1 / 3)])
+def test_offline_pairs_are_mixed_at_the_configured_ratio(model_path, tmp_path, judge_server, ratio, offline_per_online):
+    offline = Dataset.from_list(
+        [{"prompt": f"Short question {i}?", "chosen": " A good answer.", "rejected": " Bad."} for i in range(5)]
+    )
+    trainer = LongContextDPOTrainer(
+        model=model_path,
+        args=_config(tmp_path, max_steps=2, per_device_train_batch_size=3, offline_ratio=ratio),
+        train_dataset=_dataset(6),
+        reward_funcs=[_reward(judge_server, tmp_path)],
+        offline_dataset=offline,
+    )
+    trainer.train()
+    for log in (log for log in trainer.state.log_history if "loss" in log):
+        online, mixed = log["pairs/online"], log["pairs/offline"]
+        assert online > 0
+        assert mixed == max(1, round(online * offline_per_online))
+        if online == 3:
+            assert mixed / (online + mixed) == pytest.approx(ratio)
+
+
+def test_samples_the_judge_fails_on_are_skipped_and_training_goes_on(model_path, tmp_path):
+    def flaky_helpfulness(question, response):
+        if len(response) % 3 == 0:
+            raise RuntimeError("judge crashed on this one")  # the server answers 500 for these samples
+        return length_helpfulness(question, response)
+
+    with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=flaky_helpfulness)) as server:
+        trainer = _trainer(model_path, tmp_path, server, max_steps=2)
+        trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(math.isfinite(log["loss"]) for log in logs)
+    assert sum(log["pairs/unscored_sample_rate"] for log in logs) > 0
+    assert trainer.pair_stats["prompts"] == 4
+
+
+def test_resume_reuses_every_judge_call_and_continues_the_same_way(model_path, tmp_path, judge_server):
+    full = _trainer(model_path, tmp_path / "a", judge_server, max_steps=2, save_strategy="steps", save_steps=1)
+    full.train()
+    reference_logs = [log for log in full.state.log_history if "loss" in log]
+    sent = judge_server.num_chat_requests
+    # A second run in the same output dir (its judge cache included) resumes from step 1.
+    resumed = _trainer(model_path, tmp_path / "a", judge_server, max_steps=2, save_strategy="no")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-1"))
+    assert judge_server.num_chat_requests == sent  # step 2's samples were judged already: 0 new calls
+    step2 = [log for log in resumed.state.log_history if "loss" in log][-1]
+    for key in ("rewards/chosen_mean", "rewards/rejected_mean", "pairs/online", "long_reward/reward/mean"):
+        assert step2[key] == pytest.approx(reference_logs[1][key]), key
+    assert step2["long_reward/judge_calls"] == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_samples": 1}, "at least 2 samples"),
+        ({"generation_backend": "vllm_server"}, "not available yet"),
+        ({"min_scored_samples": 9}, "min_scored_samples"),
+        ({"offline_ratio": 1.0}, "offline_ratio"),
+        ({"precompute_ref_log_probs": True}, "generated during training"),
+    ],
+)
+def test_bad_config_fails_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **overrides)
+
+
+def test_bad_data_fails_with_the_column_names(model_path, tmp_path, judge_server):
+    with pytest.raises(ValueError, match="'context' and 'question' columns"):
+        _trainer(model_path, tmp_path, judge_server, train_dataset=Dataset.from_list([{"text": "x"}]))
+    with pytest.raises(ValueError, match="offline_dataset lacks columns"):
+        LongContextDPOTrainer(
+            model=model_path,
+            args=_config(tmp_path, offline_ratio=0.5),
+            train_dataset=_dataset(),
+            reward_funcs=[_reward(judge_server, tmp_path)],
+            offline_dataset=Dataset.from_list([{"prompt": "p", "answer": "a"}]),
+        )

@@ -1,0 +1,415 @@
+"""`trl-longreward build-pairs`: the paper's offline pipeline, from prompts to a DPO preference dataset.
+
+    trl-longreward build-pairs --model PATH_TO_SFT_MODEL --input prompts.jsonl --output_dir pairs_out \\
+        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
+
+For each prompt (a `context` + `question` row, or a `prompt` written as context + separator + question): sample
+`num_samples` responses from the policy, judge every one with LongReward against the FULL document, and keep the best
+as chosen and the worst as rejected (METHOD.md section 3). Writes to `--output_dir`:
+
+- `samples.jsonl`: one line per prompt (its k responses, their rewards and per-dimension scores, the selection);
+- `judge_cache.sqlite`: every judge call, so nothing is paid for twice;
+- `pairs/` (`datasets.Dataset.save_to_disk`) and `pairs.jsonl`: prompt, chosen, rejected, chosen_reward,
+  rejected_reward, context, question, ready for `trl.DPOTrainer`.
+
+Resumable: prompts already in `samples.jsonl` are skipped. Prompts are generated in fixed groups of `batch_size`
+(by index) seeded with `seed + first index of the group`, so a resumed run with the same seed, batch_size and input
+reproduces the same samples and gets every judge answer from the cache.
+
+Deviations from the reference: an optional minimum reward gap and a tie policy (the reference had neither: the
+defaults 0 and skip reproduce it, as an all-tied prompt has no best-vs-worst pair anyway); long prompts are cut in
+the middle of the document to fit `max_prompt_length` (head and tail kept, never the question).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .cli import _resume_output, load_rows
+from .reward import LongRewardConfig
+from .reward.inputs import message_text
+
+SAMPLES_FILE = "samples.jsonl"
+PAIRS_DIR = "pairs"
+PAIRS_JSONL = "pairs.jsonl"
+JUDGE_CACHE_FILE = "judge_cache.sqlite"
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "context", "question")
+_JUDGE_COUNTERS = ("judge_calls", "cache_hits", "parse_failures", "judge_errors")
+
+
+@dataclass
+class BuildPairsArguments:
+    """Arguments of `trl-longreward build-pairs` (the judge is configured by `LongRewardConfig`)."""
+
+    model: str = field(metadata={"help": "Policy (SFT) model to sample from: a local directory or a Hub id."})
+    input: str = field(
+        metadata={"help": "JSONL/JSON/Parquet/CSV file or a datasets directory with context+question or prompt rows."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Directory for samples.jsonl (resumable), judge_cache.sqlite, pairs/ and pairs.jsonl."}
+    )
+    num_samples: int = field(default=10, metadata={"help": "Responses sampled per prompt (k; paper: 10)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top_p."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Max tokens per sampled response."})
+    max_prompt_length: int = field(
+        default=8192, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
+    )
+    min_scored_samples: int | None = field(
+        default=None,
+        metadata={"help": "Scored samples a prompt needs for a pair; default ceil(num_samples / 2) (paper: 5 of 10)."},
+    )
+    min_reward_gap: float = field(
+        default=0.0, metadata={"help": "Minimum chosen-rejected reward gap (the reference had none: 0)."}
+    )
+    tie_policy: Literal["skip", "first_last"] = field(
+        default="skip", metadata={"help": "When all scored samples tie: skip (no pair) or first_last."}
+    )
+    batch_size: int = field(
+        default=4,
+        metadata={
+            "help": "Prompts per generate call (k samples each); they are judged together. Changing it "
+            "changes which samples a seed gives."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Sampling seed; each prompt group uses seed + its first index."})
+    limit: int | None = field(default=None, metadata={"help": "Process only the first N prompts."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Policy dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Policy device; default cuda when available, else cpu."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the pairs dataset to the Hub at the end."})
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "Hub dataset repository (user/name) for push_to_hub."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repository as private."})
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 2:
+            raise ValueError(f"num_samples={self.num_samples}: a best-vs-worst pair needs at least 2 samples.")
+        if self.min_scored_samples is None:
+            self.min_scored_samples = max(2, math.ceil(self.num_samples / 2))
+        if not 2 <= self.min_scored_samples <= self.num_samples:
+            raise ValueError(
+                f"min_scored_samples={self.min_scored_samples} must be in [2, num_samples={self.num_samples}]."
+            )
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: pairs need diverse samples.")
+        if self.max_new_tokens < 1 or self.max_prompt_length < 16:
+            raise ValueError("max_new_tokens must be >= 1 and max_prompt_length >= 16.")
+        if self.min_reward_gap < 0:
+            raise ValueError("min_reward_gap must be >= 0.")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1.")
+        if self.tie_policy not in ("skip", "first_last"):
+            raise ValueError(f"tie_policy={self.tie_policy!r}: use skip or first_last.")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16.")
+        if self.push_to_hub and not self.hub_dataset_id:
+            raise ValueError("push_to_hub needs --hub_dataset_id user/name.")
+
+
+def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> dict[str, Any]:
+    """Sample, judge and pair every prompt of `args.input` (resumably); write the preference dataset; return a
+    summary (prompts, pairs, skipped by reason, judge calls and cache hits of this run)."""
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(args.input)
+    check_prompt_columns(rows.column_names, reward_config)
+    if len(rows) == 0:
+        raise ValueError(f"--input {args.input!r} has no rows.")
+    if reward_config.cache_path is None:
+        reward_config.cache_path = str(out_dir / JUDGE_CACHE_FILE)
+    samples_path = out_dir / SAMPLES_FILE
+    done = _resume_output(samples_path)
+    _check_same_input(samples_path, rows, reward_config)
+    limit = len(rows) if args.limit is None else min(args.limit, len(rows))
+    todo = [i for i in range(limit) if i not in done]
+    judge = dict.fromkeys(_JUDGE_COUNTERS, 0)
+    if todo:  # a finished run only rebuilds the dataset: no model, no judge
+        judge = _sample_and_judge(args, reward_config, rows, todo, samples_path, initial=limit - len(todo))
+    pairs, counts = _write_pairs(samples_path, rows, reward_config, out_dir)
+    if args.push_to_hub:
+        pairs.push_to_hub(args.hub_dataset_id, private=args.hub_private)
+    return {
+        **counts,
+        "new_prompts": len(todo),
+        **{key: judge[key] for key in _JUDGE_COUNTERS},
+        "samples": str(samples_path),
+        "pairs_dir": str(out_dir / PAIRS_DIR),
+        "pairs_jsonl": str(out_dir / PAIRS_JSONL),
+    }
+
+
+def check_prompt_columns(columns: list[str], config: LongRewardConfig) -> None:
+    """Rows need the context and question columns, or a `prompt` column; say which are missing and what to set."""
+    present = set(columns)
+    if {config.context_column, config.question_column} <= present or "prompt" in present:
+        return
+    raise ValueError(
+        f"--input needs {config.context_column!r} and {config.question_column!r} columns, or a 'prompt' column "
+        f"written as context + {config.prompt_separator!r} + question (a string or chat messages); it has "
+        f"{sorted(present)}. Rename the columns or set --context_column / --question_column."
+    )
+
+
+def context_and_question(row: dict[str, Any], config: LongRewardConfig, index: int) -> tuple[str, str]:
+    """The full document and the question of an input row, as the judge sees them."""
+    if config.context_column in row and config.question_column in row:
+        return row[config.context_column], row[config.question_column]
+    text = message_text(row["prompt"], what="prompt", index=index, role="user")
+    if config.prompt_separator not in text:
+        raise ValueError(
+            f"Row {index}: the prompt has no {config.prompt_separator!r} between document and question; add "
+            f"{config.context_column!r}/{config.question_column!r} columns or set --prompt_separator."
+        )
+    context, question = text.rsplit(config.prompt_separator, 1)
+    return context, question.strip()
+
+
+def _context_digest(context: str) -> str:
+    return hashlib.sha256(context.encode("utf-8")).hexdigest()
+
+
+def _read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The lines of samples.jsonl one at a time (they hold long prompts: never all in memory)."""
+    if not path.exists():
+        return
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _check_same_input(samples_path: Path, rows: Any, config: LongRewardConfig) -> None:
+    """Resuming onto samples of another input would silently mix prompts: refuse it."""
+    for record in _read_records(samples_path):
+        index = record["index"]
+        if index < len(rows):
+            context, question = context_and_question(rows[index], config, index)
+            if record.get("question") == question and record.get("context_sha256") == _context_digest(context):
+                continue
+        raise ValueError(
+            f"{samples_path} holds prompt {index}, which is not prompt {index} of --input: the samples were built "
+            "from another input. Use a new --output_dir, or remove that samples.jsonl."
+        )
+
+
+def load_policy(args: BuildPairsArguments) -> tuple[Any, Any]:
+    """The policy model (eval mode, on its device) and its tokenizer (pad token = eos when it has none)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _policy_prompt(prompt: Any, tokenizer: Any) -> Any:
+    """What the samples were generated from, as TRL's DPOTrainer will tokenize it again: a string prompt was sent
+    through the chat template as a user message, so it is stored as that chat."""
+    if isinstance(prompt, str) and getattr(tokenizer, "chat_template", None) is not None:
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+def _groups(todo: list[int], batch_size: int, num_rows: int) -> list[list[int]]:
+    """Fixed generation groups [g*B, (g+1)*B) that hold a prompt still to do; they never depend on what is done,
+    so each group's seed always produces the same samples."""
+    starts = sorted({i // batch_size * batch_size for i in todo})
+    return [list(range(start, min(start + batch_size, num_rows))) for start in starts]
+
+
+def _generate_group(model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: BuildPairsArguments, first: int):
+    """k samples for each prompt of a group, in one generate call seeded by the group's first index."""
+    import torch
+
+    from .trainer.generation import sample_responses
+
+    torch.manual_seed(args.seed + first)
+    return sample_responses(
+        model,
+        tokenizer,
+        prompt_ids,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=len(prompt_ids),
+    )
+
+
+def _sample_and_judge(
+    args: BuildPairsArguments,
+    config: LongRewardConfig,
+    rows: Any,
+    todo: list[int],
+    samples_path: Path,
+    *,
+    initial: int,
+) -> dict[str, int]:
+    """Generate, judge and select for every group holding a prompt in `todo`; append one line per prompt."""
+    from tqdm.auto import tqdm
+
+    from .reward import LongRewardFunction
+    from .trainer.prompts import prepare_prompt_dataset
+
+    model, tokenizer = load_policy(args)
+    groups = _groups(todo, args.batch_size, len(rows))
+    needed = [i for group in groups for i in group]
+    prepared = prepare_prompt_dataset(
+        rows.select(needed),
+        tokenizer,
+        max_prompt_length=args.max_prompt_length,
+        context_column=config.context_column,
+        question_column=config.question_column,
+        separator=config.prompt_separator,
+    )
+    position = {index: pos for pos, index in enumerate(needed)}
+    wanted = set(todo)
+    reward = LongRewardFunction(config)
+    counts: Counter = Counter()
+    try:
+        with (
+            samples_path.open("a", encoding="utf-8") as sink,
+            tqdm(total=initial + len(todo), initial=initial, desc="build-pairs", unit="prompt") as bar,
+        ):
+            for group in groups:
+                prompts = [prepared[position[i]] for i in group]
+                samples = _generate_group(model, tokenizer, [p["prompt_ids"] for p in prompts], args, group[0])
+                # Prompts of the group that are already done were regenerated only to keep the seed's stream.
+                todo_here = [(i, prompts[j], samples[j]) for j, i in enumerate(group) if i in wanted]
+                records = _judge_group(reward, config, args, tokenizer, rows, todo_here)
+                for record in records:
+                    record["seed"] = args.seed + group[0]
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    counts["pairs" if record["selection"]["skip_reason"] is None else "skipped"] += 1
+                sink.flush()
+                bar.update(len(records))
+                bar.set_postfix({**counts, **reward.runner.counters.totals()})
+        return reward.runner.counters.totals()
+    finally:
+        reward.close()
+
+
+def _judge_group(
+    reward: Any,
+    config: LongRewardConfig,
+    args: BuildPairsArguments,
+    tokenizer: Any,
+    rows: Any,
+    todo: list[tuple[int, dict[str, Any], list[dict[str, Any]]]],
+) -> list[dict[str, Any]]:
+    """Judge the k samples of each (index, prepared prompt, samples) in `todo`, all calls in flight together, and
+    pick each prompt's pair; one samples.jsonl record per prompt."""
+    from .trainer.pairs import select_best_worst
+
+    k = args.num_samples
+    documents = [context_and_question(rows[index], config, index) for index, _, _ in todo]
+    # The judge reads the FULL document, not the truncated policy prompt.
+    judgements = reward.score(
+        prompts=[prompt["prompt"] for _, prompt, _ in todo for _ in range(k)],
+        completions=[sample["text"] for _, _, samples in todo for sample in samples],
+        **{
+            config.context_column: [context for context, _ in documents for _ in range(k)],
+            config.question_column: [question for _, question in documents for _ in range(k)],
+        },
+    )
+    records = []
+    for n, (index, prompt, samples) in enumerate(todo):
+        scored = judgements[n * k : (n + 1) * k]
+        rewards = [j.reward for j in scored]
+        selection = select_best_worst(
+            rewards, min_scored=args.min_scored_samples, min_gap=args.min_reward_gap, ties=args.tie_policy
+        )
+        context, question = documents[n]
+        records.append(
+            {
+                "index": index,
+                "prompt": _policy_prompt(prompt["policy_prompt"], tokenizer),
+                "truncated": prompt["truncated"],
+                "question": question,
+                "context_sha256": _context_digest(context),
+                "responses": [sample["text"] for sample in samples],
+                "rewards": rewards,
+                "scores": [j.scores for j in scored],
+                "status": [j.status for j in scored],
+                "selection": asdict(selection),
+            }
+        )
+    return records
+
+
+def _completion(text: str, prompt: Any) -> Any:
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def _write_pairs(samples_path: Path, rows: Any, config: LongRewardConfig, out_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """Build the preference dataset from samples.jsonl (all runs) and write `pairs/` and `pairs.jsonl` atomically."""
+    import datasets
+
+    pairs: list[dict[str, Any]] = []
+    skipped: Counter = Counter()
+    prompts = truncated = 0
+    for record in _read_records(samples_path):
+        prompts += 1
+        truncated += bool(record["truncated"])
+        selection = record["selection"]
+        if selection["skip_reason"] is not None:
+            skipped[selection["skip_reason"]] += 1
+            continue
+        context, question = context_and_question(rows[record["index"]], config, record["index"])
+        prompt = record["prompt"]
+        pairs.append(
+            {
+                "index": record["index"],
+                "prompt": prompt,
+                "chosen": _completion(record["responses"][selection["chosen"]], prompt),
+                "rejected": _completion(record["responses"][selection["rejected"]], prompt),
+                "chosen_reward": selection["chosen_reward"],
+                "rejected_reward": selection["rejected_reward"],
+                "context": context,
+                "question": question,
+            }
+        )
+    pairs.sort(key=lambda pair: pair.pop("index"))  # a resumed run may have appended lines out of order
+    if pairs:
+        dataset = datasets.Dataset.from_list(pairs)
+    else:
+        dataset = datasets.Dataset.from_dict({column: [] for column in PAIR_COLUMNS})
+    target, staging = out_dir / PAIRS_DIR, out_dir / (PAIRS_DIR + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    dataset.save_to_disk(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    jsonl_tmp = out_dir / (PAIRS_JSONL + ".tmp")
+    with jsonl_tmp.open("w", encoding="utf-8") as sink:
+        for pair in pairs:
+            sink.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    os.replace(jsonl_tmp, out_dir / PAIRS_JSONL)
+    from .trainer.pairs import SKIP_REASONS
+
+    counts = {
+        "prompts": prompts,
+        "pairs": len(pairs),
+        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
+        "truncated_prompts": truncated,
+    }
+    return dataset, counts
