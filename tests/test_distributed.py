@@ -87,8 +87,12 @@ def tokenizer_available() -> None:
         pytest.skip(str(err))
 
 
-def test_two_ranks_train_with_a_pairless_rank(tokenizer_available: None, tmp_path: Path) -> None:
-    """3 steps on 2 ranks; rank 1 has no pair on step 0: no deadlock, ranks in sync, both ranks judged."""
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_two_ranks_train_with_a_pairless_rank(tokenizer_available: None, tmp_path: Path, batch_size: int) -> None:
+    """3 steps on 2 ranks; rank 1 has no pair on step 0: no deadlock, ranks in sync, both ranks judged.
+
+    With 2 prompts per rank the ranks hold different numbers of pairs on a step, which TRL's metric gathering has to
+    survive."""
     script = ScriptedLongRewardJudge(helpfulness=digest_score)
     with ScriptedOpenAIServer(script) as server:
         launcher = {"--nproc_per_node": NUM_RANKS, "--master_addr": "127.0.0.1", "--master_port": free_port()}
@@ -97,6 +101,7 @@ def test_two_ranks_train_with_a_pairless_rank(tokenizer_available: None, tmp_pat
             "--output_dir": tmp_path,
             "--max_steps": MAX_STEPS,
             "--tie_rank": TIE_RANK,
+            "--per_device_train_batch_size": batch_size,
         }
         code, output, seconds = run_torchrun([*flags(launcher), str(SCRIPT), *flags(options)], TIMEOUT_S)
         requests = list(server.requests)
@@ -135,7 +140,8 @@ def test_two_ranks_train_with_a_pairless_rank(tokenizer_available: None, tmp_pat
     for step in range(MAX_STEPS):
         calls = [record["reward_calls"][step] for record in records]
         assert calls[0]["completions"] != calls[1]["completions"], calls
-        assert not set(calls[0]["questions"]) & set(calls[1]["questions"]), calls
+        if batch_size == 1:  # with 2 per rank the 6 prompts wrap around within an epoch
+            assert not set(calls[0]["questions"]) & set(calls[1]["questions"]), calls
 
     # DDP kept the ranks in sync, and training moved the parameters.
     assert records[0]["before"] == records[1]["before"]

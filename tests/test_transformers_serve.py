@@ -78,18 +78,19 @@ ANSWERS = [
     "permit, which took five months, and storms in the winter of 2019 stopped work for seven weeks.",
     "The restoration was delayed because the architect Margaret Hollis fell ill and the ferry company went bankrupt.",
 ]
-# Judge budgets sized for a 135M model on two CPU cores: every call pays a ~1,000-token prefill (the judge prompts
-# carry worked examples), so the number of calls is what the run time depends on.
+# Judge budgets sized for a 135M model on two CPU cores: a call costs a ~1,000-token prefill (the judge prompts carry
+# worked examples, ~1.5 s) plus ~70 ms per generated token, so the run time is set by the number of calls and their
+# output budgets. About 16 calls, 1.5-3 minutes on an otherwise idle machine.
 BUDGETS: dict[str, object] = {
     "retriever": "bm25",
     "max_attempts": 2,
     "completeness_chunk_tokens": 512,
     "faithfulness_chunk_tokens": 64,
     "faithfulness_top_k": 3,
-    "score_max_tokens": 64,
-    "break_max_tokens": 96,
-    "check_max_tokens": 48,
-    "extract_max_tokens": 80,
+    "score_max_tokens": 48,
+    "break_max_tokens": 64,
+    "check_max_tokens": 32,
+    "extract_max_tokens": 64,
     "max_statements": 2,
     "max_missing_dimensions": 3,
 }

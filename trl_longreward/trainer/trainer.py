@@ -197,12 +197,30 @@ class LongContextDPOTrainer(DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scale = inputs.pop(_LOSS_SCALE, None)
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # Ranks hold different numbers of pairs (prompts without a pair are skipped), but TRL's DPO metrics gather
+        # per-pair tensors as if every rank had the same batch size; gather them padded and trim the padding.
+        self.accelerator.gather = self._gather_uneven
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            del self.accelerator.gather  # back to the Accelerator's own method
         if scale is None:
             return result
         if return_outputs:
             return result[0] * scale, result[1]
         return result * scale
+
+    def _gather_uneven(self, tensor):
+        accelerator = self.accelerator
+        gather = type(accelerator).gather.__get__(accelerator)
+        if accelerator.num_processes == 1 or not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            return gather(tensor)
+        sizes = gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+        padded = accelerator.pad_across_processes(tensor, dim=0)
+        pieces = gather(padded).split(padded.shape[0])
+        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
 
     def _score(self, rows: list[dict[str, Any]], samples: list[list[dict[str, Any]]]):
         """Rewards of every sample (prompt-major, k per prompt) and the metrics the reward functions logged."""
