@@ -232,3 +232,27 @@ def test_bad_data_fails_with_the_column_names(model_path, tmp_path, judge_server
             reward_funcs=[_reward(judge_server, tmp_path)],
             offline_dataset=Dataset.from_list([{"prompt": "p", "answer": "a"}]),
         )
+
+
+def test_checkpoint_and_model_card_describe_the_method_and_hold_no_secret(model_path, tmp_path, monkeypatch):
+    canary = "sk-canary-" + "7" * 24
+    monkeypatch.setenv("JUDGE_KEY_FOR_TEST", canary)
+    with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=length_helpfulness)) as server:
+        reward = LongRewardFunction(
+            judge=OpenAIJudge("scripted-judge", server.base_url, api_key_env="JUDGE_KEY_FOR_TEST"),
+            retriever="bm25",
+            chunk_tokenizer="regex",
+            cache_path=str(tmp_path / "out" / "judge_cache.sqlite"),
+        )
+        args = _config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+        trainer = LongContextDPOTrainer(model=model_path, args=args, train_dataset=_dataset(), reward_funcs=[reward])
+        trainer.train()
+        trainer.save_model()
+        assert reward.judge._client.api_key == canary  # the key was really used, in memory
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "LongReward online DPO" in card and "scripted-judge" in card
+    assert "helpfulness, logicality, faithfulness, completeness" in card and "online pairs from" in card
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert any(p.name == "judge_cache.sqlite" for p in written) and any("checkpoint-2" in str(p) for p in written)
+    for path in written:
+        assert canary.encode() not in path.read_bytes(), f"the API key leaked into {path}"

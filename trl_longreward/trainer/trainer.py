@@ -281,6 +281,46 @@ class LongContextDPOTrainer(DPOTrainer):
             out.append({key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")})
         return out
 
+    # ----- model card -----
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, plus what makes this model a LongReward model: method, judge, dimensions, pair statistics."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not os.path.exists(path):
+            return
+        lines = [
+            "",
+            "",
+            "## LongReward online DPO",
+            "",
+            "Trained with trl-longreward's `LongContextDPOTrainer` ([LongReward](https://arxiv.org/abs/2410.21252)): "
+            "each step, "
+            f"{self.args.num_samples} responses per prompt were sampled from the policy (temperature "
+            f"{self.args.temperature}), scored by an LLM judge, and the best and worst formed a DPO pair "
+            f"(beta {self.args.beta}, losses {self.args.loss_type} weighted {self.args.loss_weights}).",
+            "",
+        ]
+        for info in map(_describe_reward, self.reward_funcs):
+            judge = info.get("judge", {})
+            judge_text = ", ".join(f"{k}: {v}" for k, v in judge.items()) if judge else "n/a"
+            lines.append(f"- Reward `{info['name']}`; judge: {judge_text}")
+            if "dimensions" in info:
+                lines.append(f"  - dimensions: {', '.join(info['dimensions'])} (weights: {info['weights']})")
+        stats = self.pair_stats
+        if stats.get("prompts"):
+            lines.append(
+                f"- Pairs: {stats['pairs']} online pairs from {stats['prompts']} prompts "
+                f"({stats['pairs'] / stats['prompts']:.0%}), {stats.get('offline_pairs', 0)} offline pairs; skipped: "
+                + ", ".join(f"{reason} {stats.get(f'skipped_{reason}', 0)}" for reason in SKIP_REASONS)
+            )
+        lines.append(f"- Prompt budget {self.args.max_prompt_length} tokens (documents cut in the middle), "
+                     f"responses up to {self.args.max_new_tokens} tokens.")
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+
     # ----- logging -----
 
     def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics) -> None:
@@ -318,6 +358,19 @@ class LongContextDPOTrainer(DPOTrainer):
             metrics[name].append(value)
         self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(offline)})
         self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
+
+
+def _describe_reward(func: Callable) -> dict[str, Any]:
+    """What the model card says about a reward function: never its secrets (the judge's describe() holds none)."""
+    info: dict[str, Any] = {"name": get_callable_name(func)}
+    config = getattr(func, "config", None)
+    judge = getattr(func, "judge", None)
+    if judge is not None and hasattr(judge, "describe"):
+        info["judge"] = judge.describe()
+    if config is not None and hasattr(config, "dimensions"):
+        info["dimensions"] = list(config.dimensions)
+        info["weights"] = config.dimension_weights or "equal"
+    return info
 
 
 def _reward_columns(args: LongContextDPOConfig) -> tuple[str, str]:
