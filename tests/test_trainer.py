@@ -256,3 +256,12 @@ def test_checkpoint_and_model_card_describe_the_method_and_hold_no_secret(model_
     assert any(p.name == "judge_cache.sqlite" for p in written) and any("checkpoint-2" in str(p) for p in written)
     for path in written:
         assert canary.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+
+
+def test_gradient_accumulation(model_path, tmp_path, judge_server):
+    trainer = _trainer(model_path, tmp_path, judge_server, max_steps=1, per_device_train_batch_size=1,
+                       gradient_accumulation_steps=2)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.pair_stats["prompts"] == 2  # two micro-batches of one prompt
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
