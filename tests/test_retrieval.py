@@ -124,3 +124,14 @@ def test_openai_embeddings_endpoint():
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0)
     expected = np.array([[1, 1, 0], [1, 3, 0], [1, 2, 0]], dtype=np.float32)
     assert np.allclose(vectors, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_byte_level_tokens_sharing_a_character_never_make_empty_chunks():
+    from transformers import AutoTokenizer
+
+    from trl_longreward.models import default_model_path
+
+    chunker = TokenChunker(AutoTokenizer.from_pretrained(default_model_path()))
+    text = "子曰：学而时习之，不亦说乎？"
+    chunks = chunker.split(text, 1)
+    assert "".join(chunks) == text and all(chunks)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -81,7 +82,7 @@ ANSWERS = [
 # Judge budgets sized for a 135M model on two CPU cores: a call costs a ~1,000-token prefill (the judge prompts carry
 # worked examples, ~1.5 s) plus ~70 ms per generated token, so the run time is set by the number of calls and their
 # output budgets. About 16 calls, 1.5-3 minutes on an otherwise idle machine.
-BUDGETS: dict[str, object] = {
+BUDGETS: dict[str, Any] = {
     "retriever": "bm25",
     "max_attempts": 2,
     "completeness_chunk_tokens": 512,
@@ -119,6 +120,8 @@ class Served:
 
 @dataclass
 class FirstRun:
+    """What the first scoring (empty cache) produced and cost."""
+
     judgements: list[Judgement]
     stats: dict
     judge_requests: int

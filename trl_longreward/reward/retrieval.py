@@ -45,7 +45,16 @@ class TokenChunker:
         if self.tokenizer is None:
             return [m.span() for m in _REGEX_TOKEN.finditer(text)]
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return [(start, end) for start, end in encoded["offset_mapping"] if end > start]
+        spans: list[tuple[int, int]] = []
+        for start, end in encoded["offset_mapping"]:
+            if end <= start:
+                continue
+            # Byte-level BPE splits one CJK character into several tokens with the same offsets: one span each char.
+            if spans and start < spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+                continue
+            spans.append((start, end))
+        return spans
 
     def count_tokens(self, text: str) -> int:
         return len(self.token_spans(text))
