@@ -18,12 +18,13 @@ preference dataset (see `trl_longreward.pairs_builder`); resumable the same way.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .rows_io import load_rows, resume_jsonl
 
 
 @dataclass
@@ -37,43 +38,6 @@ class ScoreArguments:
     batch_size: int = field(default=16, metadata={"help": "Rows judged together (all their calls in flight)."})
     traces: bool = field(default=True, metadata={"help": "Write the judge traces next to the scores."})
     limit: int | None = field(default=None, metadata={"help": "Judge only the first N rows."})
-
-
-def load_rows(path: str) -> Any:
-    """A `datasets.Dataset` from a file or a `save_to_disk` directory, with a clear error for anything else."""
-    import datasets
-
-    source = Path(path)
-    if source.is_dir():
-        return datasets.load_from_disk(str(source))
-    if not source.is_file():
-        raise FileNotFoundError(f"--input {path!r} does not exist.")
-    suffix = source.suffix.lower()
-    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
-    if builder is None:
-        raise ValueError(f"--input {path!r}: use a .jsonl, .json, .parquet or .csv file, or a datasets directory.")
-    return datasets.load_dataset(builder, data_files=str(source), split="train")
-
-
-def _resume_output(output: Path) -> set[int]:
-    """Indices already judged. A line cut short by a crash is dropped (rewritten atomically) and judged again; its
-    judge calls come from the cache."""
-    done: set[int] = set()
-    if not output.exists():
-        return done
-    kept: list[str] = []
-    damaged = False
-    for line in output.read_text(encoding="utf-8").splitlines():
-        try:
-            done.add(int(json.loads(line)["index"]))
-            kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            damaged = True
-    if damaged:
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, output)
-    return done
 
 
 def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
@@ -100,7 +64,7 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
     output.parent.mkdir(parents=True, exist_ok=True)
     if config.cache_path is None:
         config.cache_path = str(output) + ".judge_cache.sqlite"
-    done = _resume_output(output)
+    done = resume_jsonl(output)
     todo = [i for i in range(len(rows)) if i not in done]
     reward = LongRewardFunction(config)
     try:

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .cli import _resume_output, load_rows
 from .reward import LongRewardConfig
 from .reward.inputs import message_text
+from .rows_io import load_rows, resume_jsonl
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_DIR = "pairs"
@@ -132,7 +132,7 @@ def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> d
     if reward_config.cache_path is None:
         reward_config.cache_path = str(out_dir / JUDGE_CACHE_FILE)
     samples_path = out_dir / SAMPLES_FILE
-    done = _resume_output(samples_path)
+    done = resume_jsonl(samples_path)
     _check_same_input(samples_path, rows, reward_config)
     limit = len(rows) if args.limit is None else min(args.limit, len(rows))
     todo = [i for i in range(limit) if i not in done]
