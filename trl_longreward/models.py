@@ -34,7 +34,7 @@ CACHE_ENV_VAR = "TRL_LONGREWARD_CACHE"
 CHECKPOINT_SUBDIR = "smollm2-135m-instruct"
 COMPLETE_MARKER = "CONVERSION_COMPLETE.json"
 # Bumped whenever the conversion changes, so stale caches are rebuilt rather than trusted.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -120,6 +120,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if result.missing_keys or result.unexpected_keys:  # strict=True raises, but keep the check explicit
         raise RuntimeError(f"GGUF conversion mismatch: {result}")
     model.generation_config = gguf_model.generation_config
+    # Servers such as `transformers serve` sample only when the generation config says so (temperature 0 still means
+    # greedy there); without it, a judge's hot re-sample would repeat the cold answer word for word.
+    model.generation_config.do_sample = True
     del gguf_model
 
     model.save_pretrained(out_dir)
