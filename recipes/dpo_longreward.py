@@ -32,9 +32,8 @@ Launch commands:
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 8 \\
         recipes/dpo_longreward.py --config recipes/configs/llama31_8b_zero3_8gpu.yaml
 
-    # 2 CPU ranks (gloo): accelerate's CPU launcher starts one process, so the config uses its torchrun launcher
-    accelerate launch --config_file accelerate_configs/multi_cpu_2proc.yaml recipes/dpo_longreward.py
-    torchrun --nproc_per_node 2 recipes/dpo_longreward.py         # the same without accelerate
+    # 2 CPU ranks (gloo): accelerate's CPU launcher starts only one process here; use torchrun
+    torchrun --nproc_per_node 2 recipes/dpo_longreward.py
 
 Any config key is also a flag, and flags win over the config file: `--max_steps 20`, `--num_samples 8`,
 `--long_reward '{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}'` (a JSON object replaces

@@ -259,22 +259,3 @@ def test_recipe_entry_point_trains_saves_and_writes_the_report(tmp_path):
     assert "Report:" in result.stdout + result.stderr
     records = _check_outputs(out)
     assert {r["rank"] for r in records} == {0}
-
-
-@pytest.mark.slow
-def test_recipe_runs_on_two_cpu_ranks_with_the_accelerate_config(tmp_path):
-    out = tmp_path / "run"
-    long_reward = json.loads(SMALL_RUN[-1]) | {"dimensions": ["helpfulness", "logicality"]}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "accelerate_configs/multi_cpu.yaml"), str(RECIPE), *SMALL_RUN[:-1],
-        json.dumps(long_reward), "--output_dir", str(out),
-    ]  # fmt: skip
-    _run(command, timeout=420)
-    records = [json.loads(line) for line in (out / "judged_samples.jsonl").read_text().splitlines()]
-    assert {r["rank"] for r in records} == {0, 1}  # both ranks sampled and judged, gathered into one report
-    page = (out / "report.html").read_text()
-    assert "<th>processes</th><td>2</td>" in page
-    from transformers import AutoModelForCausalLM
-
-    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 100_000_000
