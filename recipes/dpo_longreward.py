@@ -12,9 +12,11 @@ How it deviates from the paper:
   (`training_mode: offline` with `trl-longreward build-pairs` reproduces that, see
   `recipes/configs/build_pairs_then_dpo.yaml`).
 - The policy sees documents cut in the MIDDLE to `max_prompt_length` tokens; the judge always sees the whole document.
-- The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), short answers and small
-  judge budgets, so that it finishes on a laptop CPU. SmolLM2 is a weak judge: many verdicts do not parse, so the demo
-  counts an answer as scored when at least one dimension is (`max_missing_dimensions: 3`; paper: all four).
+- The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), answers of at most 48
+  tokens, English rows only, learning rate 5e-6 (paper: 1e-6; a few steps would barely move the weights), small judge
+  budgets and 1024-token notes chunks for completeness (paper: 4096), so that it finishes on a CPU. SmolLM2-135M is a
+  very weak judge: it rarely writes the `[[N]]` verdict, so most dimensions fail, an answer counts as scored when any
+  dimension is (`max_missing_dimensions: 3`; paper: all four), and many steps form no pair (the report shows why).
 - The prompts, score clipping, caching and failure handling deviate as listed in the README.
 
 Launch commands:
@@ -32,8 +34,10 @@ Launch commands:
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml --num_processes 8 \\
         recipes/dpo_longreward.py --config recipes/configs/llama31_8b_zero3_8gpu.yaml
 
-    # 2 CPU ranks (gloo): accelerate's CPU launcher starts only one process here; use torchrun
-    torchrun --nproc_per_node 2 recipes/dpo_longreward.py
+    # 2 CPU ranks (gloo). accelerate's MULTI_CPU launcher starts ONE process without an MPI hostfile; this config
+    # goes through its torchrun launcher instead (see its header):
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/dpo_longreward.py
+    torchrun --nproc_per_node 2 recipes/dpo_longreward.py          # the same without accelerate
 
 Any config key is also a flag, and flags win over the config file: `--max_steps 20`, `--num_samples 8`,
 `--long_reward '{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}'` (a JSON object replaces
@@ -77,7 +81,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "activation_checkpointing": False,  # a 135M model fits; recomputation would only cost time on a CPU
     "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 1,
-    "max_steps": 2,
+    "max_steps": 3,
     "dataset_languages": ["en"],  # SmolLM2 is an English model
     "num_samples": 4,
     "max_new_tokens": 48,
@@ -89,12 +93,18 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "long_reward": {
         "judge_backend": "transformers",
-        "max_attempts": 2,
+        # One sampled try per judge call (paper: greedy first, up to 5 tries): tries cost ~10 s each on 2 cores and
+        # SmolLM2's greedy answers almost never hold a verdict, so the demo spends its one try on a sampled answer.
+        "max_attempts": 1,
+        "first_temperature": 0.95,
         "score_max_tokens": 96,
-        "break_max_tokens": 128,
+        "break_max_tokens": 112,
         "check_max_tokens": 48,
         "extract_max_tokens": 128,
         "max_statements": 1,
+        # Notes are extracted from 1024-token chunks (paper: 4096): attention on a CPU costs the square of the chunk
+        # length, and one 4096-token extraction batch alone took over 5 minutes on 2 cores.
+        "completeness_chunk_tokens": 1024,
         "max_missing_dimensions": 3,
         "retriever": "bm25",
     },
@@ -183,7 +193,9 @@ def model_given(argv: list[str]) -> bool:
     return False
 
 
-def parse_arguments(argv: list[str] | None = None) -> tuple[LongRewardScriptArguments, LongContextDPOConfig, ModelConfig]:
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[LongRewardScriptArguments, LongContextDPOConfig, ModelConfig]:
     """Command line > `--config` file > (only when no model is given) the demo defaults > library defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
@@ -353,9 +365,7 @@ def report_summary(trainer: Any, model_args: ModelConfig, seconds: float) -> dic
     return summary
 
 
-def main(
-    script_args: LongRewardScriptArguments, training_args: LongContextDPOConfig, model_args: ModelConfig
-) -> None:
+def main(script_args: LongRewardScriptArguments, training_args: LongContextDPOConfig, model_args: ModelConfig) -> None:
     """Train, save the model, write the report, optionally push to the Hub."""
     import transformers
     from packaging.version import Version

@@ -28,13 +28,15 @@ SMALL_RUN = [
     "--long_reward", json.dumps({
         "judge_backend": "transformers", "max_attempts": 1, "score_max_tokens": 24, "break_max_tokens": 48,
         "check_max_tokens": 16, "extract_max_tokens": 24, "max_statements": 1, "max_missing_dimensions": 3,
-        "retriever": "bm25",
+        "retriever": "bm25", "completeness_chunk_tokens": 1024,
     }),
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def recipe():
+    """The recipe script as a module (importing it runs nothing; it sets OMP_WAIT_POLICY, restored afterwards)."""
+    saved = os.environ.get("OMP_WAIT_POLICY")
     sys.path.insert(0, str(RECIPE.parent))
     try:
         import dpo_longreward
@@ -42,6 +44,10 @@ def recipe():
         yield dpo_longreward
     finally:
         sys.path.remove(str(RECIPE.parent))
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+        else:
+            os.environ["OMP_WAIT_POLICY"] = saved
 
 
 def _gpu_free_args() -> list[str]:
@@ -75,8 +81,8 @@ def test_cpu_demo_yaml_is_the_no_argument_default(recipe):
     from_yaml = recipe.parse_arguments(["--config", str(REPO_ROOT / "recipes/configs/cpu_demo.yaml")])
     for index, keys in enumerate((
         ("dataset_languages", "training_mode"),
-        ("output_dir", "max_steps", "num_samples", "max_new_tokens", "max_prompt_length", "per_device_train_batch_size",
-         "learning_rate", "bf16", "activation_checkpointing", "seed"),
+        ("output_dir", "max_steps", "num_samples", "max_new_tokens", "max_prompt_length", "learning_rate", "bf16",
+         "per_device_train_batch_size", "activation_checkpointing", "seed"),
         ("model_name_or_path", "dtype"),
     )):  # fmt: skip
         for key in keys:
@@ -89,7 +95,7 @@ def test_cpu_demo_yaml_is_the_no_argument_default(recipe):
 def test_demo_defaults_apply_only_when_no_model_is_given(recipe):
     script_args, training_args, model_args = recipe.parse_arguments([])
     assert Path(model_args.model_name_or_path).is_dir()
-    assert training_args.output_dir == recipe.DEMO_OUTPUT_DIR and training_args.max_steps == 2
+    assert training_args.output_dir == recipe.DEMO_OUTPUT_DIR and training_args.max_steps == 3
     assert training_args.long_reward["judge_backend"] == "transformers"
     _, training_args, _ = recipe.parse_arguments(["--max_steps", "7", "--num_samples", "3"])
     assert (training_args.max_steps, training_args.num_samples) == (7, 3)  # flags still win over the demo
@@ -158,8 +164,15 @@ def test_accelerate_configs_cover_the_usual_setups():
 
 
 def _selection(chosen, rejected, skip_reason=None):
-    return SimpleNamespace(chosen=chosen, rejected=rejected, chosen_reward=7.5 if chosen is not None else None,
-                           rejected_reward=2.0 if chosen is not None else None, num_scored=2, skip_reason=skip_reason)  # fmt: skip
+    paired = chosen is not None
+    return SimpleNamespace(
+        chosen=chosen,
+        rejected=rejected,
+        chosen_reward=7.5 if paired else None,
+        rejected_reward=2.0 if paired else None,
+        num_scored=2,
+        skip_reason=skip_reason,
+    )
 
 
 def test_report_shows_curves_and_judged_pairs_with_reasons_and_escapes_everything(tmp_path):

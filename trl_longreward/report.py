@@ -98,7 +98,7 @@ class JudgedStepRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.trainer: Any = None
         self.steps: list[dict[str, Any]] = []
-        self._seen: int | None = None
+        self._seen: Any = None  # the judgement list already recorded (kept alive, so identity is reliable)
 
     def attach(self, trainer: Any) -> None:
         """Remember the trainer whose steps are recorded."""
@@ -117,13 +117,11 @@ class JudgedStepRecorder(TrainerCallback):
         if trainer is None:
             return
         reward = next((f for f in getattr(trainer, "reward_funcs", []) if hasattr(f, "last_judgements")), None)
-        judgements = list(reward.last_judgements) if reward is not None else []
-        fresh = reward is not None and id(reward.last_judgements) != self._seen
         records = []
-        if fresh and len(judgements) == len(trainer.last_rewards):
-            self._seen = id(reward.last_judgements)
+        if reward is not None and reward.last_judgements is not self._seen:
+            self._seen = reward.last_judgements
             records = judged_prompt_records(
-                judgements,
+                list(reward.last_judgements),
                 trainer.last_rewards,
                 trainer.last_selections,
                 trainer.args.num_samples,
@@ -216,14 +214,18 @@ def _series(logs: Sequence[dict[str, Any]], key: str) -> list[tuple[float, float
 
 def _charts(logs: Sequence[dict[str, Any]]) -> str:
     dimensions = [d for d in DIMENSIONS if any(f"long_reward/{d}/mean" in e for e in logs)]
+    reward_keys = [
+        ("all samples (mean)", "long_reward/reward/mean"),
+        ("chosen (mean)", "rewards/chosen_mean"),
+        ("rejected (mean)", "rewards/rejected_mean"),
+    ]
+    pair_keys = [("valid-pair rate", "pairs/valid_pair_rate"), ("unscored-sample rate", "pairs/unscored_sample_rate")]
     specs = [
-        ("Reward", (0.0, 10.0), [("all samples (mean)", "long_reward/reward/mean"),
-                                 ("chosen (mean)", "rewards/chosen_mean"), ("rejected (mean)", "rewards/rejected_mean")]),
+        ("Reward", (0.0, 10.0), reward_keys),
         ("Dimension scores (mean over samples)", (0.0, 10.0), [(d, f"long_reward/{d}/mean") for d in dimensions]),
-        ("Pairs", (0.0, 1.0), [("valid-pair rate", "pairs/valid_pair_rate"),
-                               ("unscored-sample rate", "pairs/unscored_sample_rate")]),
+        ("Pairs", (0.0, 1.0), pair_keys),
         ("Loss", None, [("loss", "loss")]),
-    ]  # fmt: skip
+    ]
     charts = []
     for title, y_range, keys in specs:
         series = [(label, _series(logs, key)) for label, key in keys]
@@ -237,7 +239,8 @@ def _line_chart(
     """An inline SVG line chart (steps on x) with a legend; points carry native tooltips."""
     width, height, left, right, top, bottom = 520, 250, 46, 14, 12, 34
     if not series:
-        return f"<figure class='chart'><figcaption>{_esc(title)}</figcaption><p class='muted'>nothing logged (e.g. no sample was scored yet)</p></figure>"
+        empty = "<p class='muted'>nothing logged (e.g. no sample was scored yet)</p>"
+        return f"<figure class='chart'><figcaption>{_esc(title)}</figcaption>{empty}</figure>"
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts]
     x_lo, x_hi = min(xs), max(xs)
@@ -264,8 +267,12 @@ def _line_chart(
     steps = sorted(set(xs))
     stride = max(1, math.ceil(len(steps) / 10))
     for x in steps[::stride]:
-        parts.append(f"<text x='{px(x):.1f}' y='{height - bottom + 16}' class='tick' text-anchor='middle'>{x:g}</text>")
-    parts.append(f"<text x='{(left + width - right) / 2}' y='{height - 4}' class='tick' text-anchor='middle'>step</text>")
+        parts.append(
+            f"<text x='{px(x):.1f}' y='{height - bottom + 16}' class='tick' text-anchor='middle'>{x:g}</text>"
+        )
+    parts.append(
+        f"<text x='{(left + width - right) / 2}' y='{height - 4}' class='tick' text-anchor='middle'>step</text>"
+    )
     legend = []
     for n, (label, points) in enumerate(series):
         color = _COLORS[n % len(_COLORS)]
@@ -311,40 +318,35 @@ def _samples_section(records: Sequence[dict[str, Any]], logs: Sequence[dict[str,
 
 
 def _prompt_card(record: dict[str, Any]) -> str:
-    selection = record["selection"]
-    samples = record["samples"]
-    header = f"rank {record.get('rank', 0)}, prompt {record.get('prompt', 0)}"
-    parts = ["<article class='card'>"]
-    if selection.get("skip_reason") is None and selection.get("chosen") is not None:
+    """A pair: chosen and rejected side by side, then all samples. No pair: why, all samples and their reasons."""
+    selection, samples = record["selection"], record["samples"]
+    where = f"rank {record.get('rank', 0)}, prompt {record.get('prompt', 0)}"
+    paired = selection.get("skip_reason") is None and selection.get("chosen") is not None
+    if paired:
         gap = (selection["chosen_reward"] or 0.0) - (selection["rejected_reward"] or 0.0)
-        parts.append(
-            f"<p class='meta'><span class='badge ok'>pair</span> {_esc(header)}: sample {selection['chosen']} "
+        meta = (
+            f"<span class='badge ok'>pair</span> {_esc(where)}: sample {selection['chosen']} "
             f"({_fmt(selection['chosen_reward'])}) preferred over sample {selection['rejected']} "
-            f"({_fmt(selection['rejected_reward'])}), gap {_fmt(gap)}; {selection['num_scored']} of {len(samples)} "
-            "samples scored</p>"
+            f"({_fmt(selection['rejected_reward'])}), gap {_fmt(gap)}"
         )
-        parts.append(f"<p class='question'><b>Question.</b> {_esc(record['question'])}</p>")
-        parts.append("<div class='pair'>")
-        parts.append(_sample_panel(samples[selection["chosen"]], "chosen"))
-        parts.append(_sample_panel(samples[selection["rejected"]], "rejected"))
-        parts.append("</div>")
+        panels = [samples[selection["chosen"]], samples[selection["rejected"]]]
+        roles = ["chosen", "rejected"]
     else:
-        parts.append(
-            f"<p class='meta'><span class='badge skip'>no pair</span> {_esc(header)}: "
-            f"{_esc(str(selection.get('skip_reason')).replace('_', ' '))}; {selection.get('num_scored', 0)} of "
-            f"{len(samples)} samples scored (no DPO pair from this prompt)</p>"
-        )
-        parts.append(f"<p class='question'><b>Question.</b> {_esc(record['question'])}</p>")
-        parts.append(_samples_table(samples, selection))
-        parts.append("<div class='pair'>" + "".join(_sample_panel(s, "other") for s in samples) + "</div>")
-        parts.append("</article>")
-        return "\n".join(parts)
-    parts.append(_samples_table(samples, selection))
-    parts.append("</article>")
-    return "\n".join(parts)
+        reason = str(selection.get("skip_reason")).replace("_", " ")
+        meta = f"<span class='badge skip'>no pair</span> {_esc(where)}: {_esc(reason)}, no DPO pair from this prompt"
+        panels, roles = list(samples), ["other"] * len(samples)
+    meta += f"; {selection.get('num_scored', 0)} of {len(samples)} samples scored"
+    body = "<div class='pair'>" + "".join(map(_sample_panel, panels, roles)) + "</div>"
+    table = _samples_table(samples, selection, paired)
+    return (
+        f"<article class='card'><p class='meta'>{meta}</p>"
+        f"<p class='question'><b>Question.</b> {_esc(record['question'])}</p>"
+        + (body + table if paired else table + body)
+        + "</article>"
+    )
 
 
-def _samples_table(samples: Sequence[dict[str, Any]], selection: dict[str, Any]) -> str:
+def _samples_table(samples: Sequence[dict[str, Any]], selection: dict[str, Any], paired: bool) -> str:
     dims = [d for d in DIMENSIONS if any(d in s.get("scores", {}) for s in samples)]
     head = "".join(f"<th>{_esc(d)}</th>" for d in dims)
     rows = []
@@ -353,18 +355,18 @@ def _samples_table(samples: Sequence[dict[str, Any]], selection: dict[str, Any])
         cells = "".join(f"<td>{_score_cell(sample, d)}</td>" for d in dims)
         rows.append(
             f"<tr class='{role}'><td>{sample['index']}{' (' + role + ')' if role else ''}</td>"
-            f"<td><b>{_fmt(sample.get('reward'))}</b></td>{cells}<td class='snippet'>{_esc(_clip(sample.get('response', ''), 160))}"
-            "</td></tr>"
+            f"<td><b>{_fmt(sample.get('reward'))}</b></td>{cells}"
+            f"<td class='snippet'>{_esc(_clip(sample.get('response', ''), 160))}</td></tr>"
         )
-    paired = selection.get("chosen") is not None
     details = "".join(
         f"<details><summary>sample {s['index']}: judge's reasons</summary>{_sample_panel(s, 'other')}</details>"
         for s in samples
         if paired and s["index"] not in (selection.get("chosen"), selection.get("rejected"))
     )
     return (
-        f"<details class='all'{'' if paired else ' open'}><summary>All {len(samples)} samples</summary><table class='samples'><tr><th>sample</th>"
-        f"<th>reward</th>{head}<th>response</th></tr>{''.join(rows)}</table>{details}</details>"
+        f"<details class='all'{'' if paired else ' open'}><summary>All {len(samples)} samples</summary>"
+        f"<table class='samples'><tr><th>sample</th><th>reward</th>{head}<th>response</th></tr>{''.join(rows)}</table>"
+        f"{details}</details>"
     )
 
 
@@ -381,8 +383,8 @@ def _sample_panel(sample: dict[str, Any], role: str) -> str:
     dims = [d for d in DIMENSIONS if d in sample.get("scores", {})]
     scores = "".join(f"<tr><th>{_esc(d)}</th><td>{_score_cell(sample, d)}</td></tr>" for d in dims)
     reasons = "".join(
-        f"<div class='dim'><h5>{_esc(d)}: {_score_cell(sample, d)}</h5>{_reasons_html(sample.get('trace', {}).get(d, {}))}"
-        "</div>"
+        f"<div class='dim'><h5>{_esc(d)}: {_score_cell(sample, d)}</h5>"
+        f"{_reasons_html(sample.get('trace', {}).get(d, {}))}</div>"
         for d in dims
     )
     return (
@@ -446,7 +448,8 @@ _HEAD = """<!DOCTYPE html>
 <style>
 body {{ font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto; max-width: 1180px;
   padding: 0 16px; color: #1f2937; background: #f8fafc; }}
-h1 {{ font-size: 22px; margin-bottom: 4px; }} h2 {{ font-size: 18px; margin-top: 28px; border-bottom: 1px solid #cbd5e1; }}
+h1 {{ font-size: 22px; margin-bottom: 4px; }}
+h2 {{ font-size: 18px; margin-top: 28px; border-bottom: 1px solid #cbd5e1; }}
 h3 {{ font-size: 16px; margin: 18px 0 2px; }} h4 {{ margin: 0 0 6px; font-size: 14px; }} h5 {{ margin: 8px 0 2px; }}
 .muted {{ color: #64748b; }} code {{ background: #e2e8f0; padding: 0 3px; border-radius: 3px; }}
 table.summary {{ border-collapse: collapse; margin: 8px 0; }}
