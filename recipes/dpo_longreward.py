@@ -201,7 +201,20 @@ def parse_arguments(
     parser = make_parser()
     if not model_given(argv):
         parser.set_defaults_with_config(**demo_defaults())
+    if cpu_ranks():
+        parser.set_defaults_with_config(use_cpu=True)
     return parser.parse_args_and_config(argv)
+
+
+def cpu_ranks() -> bool:
+    """Whether a launcher started several processes on a machine without a GPU.
+
+    Then `use_cpu` must be on: without it accelerate sets up no process group on a CPU, and every process would train
+    alone, each believing it is the only one, all writing to the same output_dir.
+    """
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def load_table(name: str, config: str | None = None, split: str = "train") -> Any:
@@ -293,7 +306,11 @@ def build_trainer(
     from trl import DPOTrainer, get_peft_config, get_quantization_config
 
     from trl_longreward.report import JudgedStepRecorder
+    from trl_longreward.reward import LongRewardConfig
     from trl_longreward.trainer import LongContextDPOTrainer
+
+    if script_args.training_mode == "online":
+        LongRewardConfig(**(training_args.long_reward or {}))  # a bad judge setting fails before any model loads
 
     model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -395,7 +412,7 @@ def main(script_args: LongRewardScriptArguments, training_args: LongContextDPOCo
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name or "trl_longreward/longqa")
+        trainer.push_to_hub(dataset_name=script_args.dataset_name or script_args.offline_dataset_name)
         trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()

@@ -234,6 +234,32 @@ def test_report_clips_long_texts_and_handles_a_run_without_samples(tmp_path):
     assert "No judged samples were recorded" in empty and "nothing logged" in empty
 
 
+def test_recorder_keeps_each_steps_judged_samples_and_thins_long_runs():
+    from trl_longreward.report import JudgedStepRecorder
+    from trl_longreward.reward.function import Judgement
+
+    class Reward:
+        last_judgements: list = []
+
+    reward = Reward()
+    trainer = SimpleNamespace(
+        reward_funcs=[reward],
+        args=SimpleNamespace(num_samples=2),
+        accelerator=SimpleNamespace(process_index=0, num_processes=1),
+        last_rewards=[5.0, 1.0],
+        last_selections=[_selection(0, 1)],
+    )
+    recorder = JudgedStepRecorder(max_records=4)
+    recorder.attach(trainer)
+    for step in range(1, 10):
+        reward.last_judgements = [Judgement(r, {}, {}, f"question {step}", "a", {}) for r in (5.0, 1.0)]
+        recorder.on_step_end(None, SimpleNamespace(global_step=step), None)
+        recorder.on_step_end(None, SimpleNamespace(global_step=step), None)  # the same judgements: not twice
+    steps = [r["step"] for r in recorder.steps]
+    assert len(steps) <= 4 and steps[0] == 1 and steps[-1] == 9 and len(set(steps)) == len(steps)
+    assert recorder.steps[-1]["question"] == "question 9"
+
+
 # ----- real runs -----
 
 
@@ -272,3 +298,25 @@ def test_recipe_entry_point_trains_saves_and_writes_the_report(tmp_path):
     assert "Report:" in result.stdout + result.stderr
     records = _check_outputs(out)
     assert {r["rank"] for r in records} == {0}
+
+
+@pytest.mark.slow
+def test_recipe_runs_on_two_cpu_ranks_with_the_accelerate_config(tmp_path):
+    out = tmp_path / "run"
+    # Two dimensions that need no document calls keep the two ranks' judging short.
+    long_reward = json.loads(SMALL_RUN[-1]) | {
+        "dimensions": ["helpfulness", "logicality"],
+        "max_missing_dimensions": 1,
+    }
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO_ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+        str(RECIPE), *SMALL_RUN[:-1], json.dumps(long_reward), "--output_dir", str(out),
+    ]  # fmt: skip
+    _run(command, timeout=420)
+    records = [json.loads(line) for line in (out / "judged_samples.jsonl").read_text().splitlines()]
+    assert {r["rank"] for r in records} == {0, 1}  # two processes sampled and judged; one report gathers both
+    assert "<th>processes</th><td>2</td>" in (out / "report.html").read_text()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 100_000_000

@@ -88,15 +88,19 @@ def judged_prompt_records(
 
 
 class JudgedStepRecorder(TrainerCallback):
-    """Keeps every training step's judged samples (from the first reward function with `last_judgements`).
+    """Keeps the training steps' judged samples (from the first reward function with `last_judgements`).
 
     Callbacks get no trainer, so call `attach(trainer)` after building it. After each micro-step the recorder reads
     `trainer.last_selections` / `trainer.last_rewards` and the reward function's `last_judgements`; with several
     processes the records of all ranks are gathered (every rank runs the callback) and kept on every rank.
+
+    Memory stays bounded on long runs: past `max_records` prompt records, every other recorded step is dropped (the
+    first and the latest step are always kept), so the report still spans the whole run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_records: int = 200) -> None:
         self.trainer: Any = None
+        self.max_records = max_records
         self.steps: list[dict[str, Any]] = []
         self._seen: Any = None  # the judgement list already recorded (kept alive, so identity is reliable)
 
@@ -133,6 +137,10 @@ class JudgedStepRecorder(TrainerCallback):
 
             records = gather_object(records)
         self.steps.extend(records)
+        if len(self.steps) > self.max_records:
+            recorded = sorted({r["step"] for r in self.steps})
+            keep = set(recorded[::2]) | {recorded[-1]}
+            self.steps = [r for r in self.steps if r["step"] in keep]
 
 
 # ----- the report -----
@@ -396,11 +404,21 @@ def _sample_panel(sample: dict[str, Any], role: str) -> str:
 
 
 def _reasons_html(trace: dict[str, Any]) -> str:
-    items = "".join(
-        f"<div class='reason'><span class='label'>{_esc(label)}</span><pre>{_esc(_clip(text, limit))}</pre></div>"
-        for label, text, limit in dimension_reasons(trace)
-    )
-    return items or "<p class='muted'>no judge output</p>"
+    """The judge's outputs for one dimension; the per-chunk notes extraction (shared by all samples) is folded."""
+    shown, folded, unusable = [], [], 0
+    for label, text, limit in dimension_reasons(trace):
+        item = (
+            f"<div class='reason'><span class='label'>{_esc(label)}</span><pre>{_esc(_clip(text, limit))}</pre></div>"
+        )
+        if label.startswith("notes extraction"):
+            folded.append(item)
+            unusable += label.endswith(("no verdict found", "no output"))
+        else:
+            shown.append(item)
+    if folded:
+        summary = f"notes extraction: {len(folded)} judge outputs, {unusable} unusable (shared by all samples)"
+        shown.insert(0, f"<details><summary>{_esc(summary)}</summary>{''.join(folded)}</details>")
+    return "".join(shown) or "<p class='muted'>no judge output</p>"
 
 
 def dimension_reasons(trace: dict[str, Any]) -> list[tuple[str, str, int]]:
@@ -439,7 +457,7 @@ def _call_items(label: str, call: dict[str, Any]) -> Iterable[tuple[str, str, in
             name = f"{label}, try {n + 1} of {len(outputs)}: no verdict found"
         yield name, text, _JUDGE_CHARS
     if failed and not outputs:
-        yield f"{label}: failed", str(call["error"]), 400
+        yield f"{label}: no output", str(call["error"]), 400
 
 
 _HEAD = """<!DOCTYPE html>
