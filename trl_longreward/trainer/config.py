@@ -51,6 +51,15 @@ class LongContextDPOConfig(DPOConfig):
 
         offline_ratio (`float`): Share of each batch's pairs taken from `offline_dataset` (prompt/chosen/rejected, e.g.
             ordinary short-context DPO data). 0 = online pairs only.
+
+        > Speed
+
+        prompt_once (`bool`, defaults to True): Run each pair as ONE sequence [prompt, chosen, rejected] (branches
+            masked from each other, positions restarting after the prompt) instead of TRL's two rows, for both the
+            policy and the reference: a long prompt is processed once per model, not twice. Same log-probs, loss and
+            gradients. Needs an attention implementation that takes a custom mask (sdpa, eager, flex_attention); with
+            flash-attention, MoE auxiliary loss, vision inputs or prompt-learning PEFT the step falls back to TRL's
+            two rows (with a warning).
     """
 
     beta: float = field(default=0.15, metadata={"help": "DPO beta (paper: 0.15)."})
@@ -100,6 +109,14 @@ class LongContextDPOConfig(DPOConfig):
     )
     offline_ratio: float = field(
         default=0.0, metadata={"help": "Share of each batch's pairs drawn from offline_dataset."}
+    )
+
+    prompt_once: bool = field(
+        default=True,
+        metadata={
+            "help": "Process each pair's prompt once: one sequence [prompt, chosen, rejected] with a branch mask "
+            "(sdpa/eager/flex attention), equal to TRL's two-row DPO; False = TRL's two rows."
+        },
     )
 
     def __post_init__(self) -> None:

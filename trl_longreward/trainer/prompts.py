@@ -87,12 +87,24 @@ def prepare_prompt_dataset(
             user_text = _user_text(prompt)
             if context in user_text:  # the prompt embeds the document: cut it there
                 prefix, suffix = user_text.split(context, 1)
-                fitted, cut = fit_prompt(context, suffix, tokenizer=tokenizer, max_prompt_tokens=max_prompt_length,
-                                         separator="", overhead_tokens=overhead + len(tokenizer(prefix)["input_ids"]))
+                fitted, cut = fit_prompt(
+                    context,
+                    suffix,
+                    tokenizer=tokenizer,
+                    max_prompt_tokens=max_prompt_length,
+                    separator="",
+                    overhead_tokens=overhead + len(tokenizer(prefix)["input_ids"]),
+                )
                 policy_prompt = _replace_user_text(prompt, prefix + fitted)
             else:
-                fitted, cut = fit_prompt(context, question, tokenizer=tokenizer, max_prompt_tokens=max_prompt_length,
-                                         separator=separator, overhead_tokens=overhead)
+                fitted, cut = fit_prompt(
+                    context,
+                    question,
+                    tokenizer=tokenizer,
+                    max_prompt_tokens=max_prompt_length,
+                    separator=separator,
+                    overhead_tokens=overhead,
+                )
                 policy_prompt = _replace_user_text(prompt, fitted) if "prompt" in row else fitted
         else:
             prompt = row["prompt"]
@@ -104,10 +116,20 @@ def prepare_prompt_dataset(
                     f"{separator!r} + question."
                 )
             context, question = user_text.rsplit(separator, 1)
-            fitted, cut = fit_prompt(context, question, tokenizer=tokenizer, max_prompt_tokens=max_prompt_length,
-                                     separator=separator, overhead_tokens=overhead)
+            fitted, cut = fit_prompt(
+                context,
+                question,
+                tokenizer=tokenizer,
+                max_prompt_tokens=max_prompt_length,
+                separator=separator,
+                overhead_tokens=overhead,
+            )
             policy_prompt = _replace_user_text(prompt, fitted)
-        return {"prompt": prompt, "policy_prompt": policy_prompt, "prompt_ids": tokenize_prompt(tokenizer, policy_prompt),
-                "truncated": cut}
+        return {
+            "prompt": prompt,
+            "policy_prompt": policy_prompt,
+            "prompt_ids": tokenize_prompt(tokenizer, policy_prompt),
+            "truncated": cut,
+        }
 
     return dataset.map(process, desc="Fitting and tokenizing prompts")

@@ -11,6 +11,7 @@ loss scaled to 0, so distributed ranks never wait on each other forever.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -28,9 +29,11 @@ from trl.trainer.utils import get_callable_name
 from .config import LongContextDPOConfig
 from .generation import generate_samples
 from .pairs import SKIP_REASONS, select_best_worst
+from .prompt_once import pack_pairs, prompt_once_forward, unsupported_reason
 from .prompts import PromptCollator, prepare_prompt_dataset
 
 _LOSS_SCALE = "loss_scale"
+logger = logging.getLogger(__name__)
 
 
 class LongContextDPOTrainer(DPOTrainer):
@@ -81,7 +84,9 @@ class LongContextDPOTrainer(DPOTrainer):
         if train_dataset is None:
             raise ValueError("train_dataset is required: prompts with context and question columns.")
         if args.offline_ratio > 0 and offline_dataset is None:
-            raise ValueError(f"offline_ratio={args.offline_ratio} needs offline_dataset (prompt/chosen/rejected rows).")
+            raise ValueError(
+                f"offline_ratio={args.offline_ratio} needs offline_dataset (prompt/chosen/rejected rows)."
+            )
         self._long_reward_columns = _reward_columns(args)
         super().__init__(
             model=model,
@@ -103,13 +108,18 @@ class LongContextDPOTrainer(DPOTrainer):
         self.reward_func_names = [get_callable_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions.")
+            raise ValueError(
+                f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions."
+            )
         self.reward_weights = [float(w) for w in weights]
         self.offline_dataset = None
         if offline_dataset is not None:
             _check_offline_columns(offline_dataset)
-            self.offline_dataset = DPOTrainer._prepare_dataset(self, offline_dataset, self.processing_class, args, "offline")
+            self.offline_dataset = DPOTrainer._prepare_dataset(
+                self, offline_dataset, self.processing_class, args, "offline"
+            )
         self._offline_cursor = 0
+        self._prompt_once_warned: set[str] = set()
         self.pair_stats: Counter = Counter()
         self.last_selections: list = []  # the latest step's pair selections and rewards, for inspection
         self.last_rewards: list[float | None] = []
@@ -135,7 +145,9 @@ class LongContextDPOTrainer(DPOTrainer):
             from ..reward import LongRewardConfig, LongRewardFunction
 
             fields = dict(self.args.long_reward or {})
-            fields.setdefault("cache_path", self.args.judge_cache_path or os.path.join(self.args.output_dir, "judge_cache.sqlite"))
+            fields.setdefault(
+                "cache_path", self.args.judge_cache_path or os.path.join(self.args.output_dir, "judge_cache.sqlite")
+            )
             return [LongRewardFunction(LongRewardConfig(**fields))]
         funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
         for func in funcs:
@@ -212,6 +224,33 @@ class LongContextDPOTrainer(DPOTrainer):
             return result[0] * scale, result[1]
         return result * scale
 
+    def _compute_loss(self, model, inputs, return_outputs):
+        """TRL's DPO loss; with `prompt_once`, each pair's forward runs as one packed row (see `prompt_once.py`)."""
+        if not self.args.prompt_once:
+            return super()._compute_loss(model, inputs, return_outputs)
+        modules = [self.accelerator.unwrap_model(model)]
+        if self.ref_model is not None:
+            modules.append(self.accelerator.unwrap_model(self.ref_model))
+        reason = next(filter(None, (unsupported_reason(m, inputs, self) for m in modules)), None)
+        packed = None
+        if reason is None:
+            packed = pack_pairs(
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                inputs["completion_mask"],
+                self._tokenizer.pad_token_id,
+                pad_to_multiple_of=64 if inputs["input_ids"].device.type == "cuda" else 1,
+            )
+            reason = None if packed is not None else "the rows of a pair do not share the same prompt"
+        if packed is None:
+            if reason not in self._prompt_once_warned:
+                self._prompt_once_warned.add(reason)
+                logger.warning("prompt_once: running TRL's two-row DPO forward because %s.", reason)
+            return super()._compute_loss(model, inputs, return_outputs)
+        dtype = next(modules[0].parameters()).dtype
+        with prompt_once_forward(modules, packed, dtype):
+            return super()._compute_loss(model, inputs, return_outputs)
+
     def _gather_uneven(self, tensor):
         accelerator = self.accelerator
         gather = type(accelerator).gather.__get__(accelerator)
@@ -255,7 +294,9 @@ class LongContextDPOTrainer(DPOTrainer):
                 **columns,
             )
             if len(values) != len(prompts):
-                raise ValueError(f"Reward function {get_callable_name(func)} returned {len(values)} values for {len(prompts)}.")
+                raise ValueError(
+                    f"Reward function {get_callable_name(func)} returned {len(values)} values for {len(prompts)}."
+                )
             for j, value in enumerate(values):
                 if value is not None and not math.isnan(value):
                     totals[j] += weight * float(value)
@@ -316,8 +357,10 @@ class LongContextDPOTrainer(DPOTrainer):
                 f"({stats['pairs'] / stats['prompts']:.0%}), {stats.get('offline_pairs', 0)} offline pairs; skipped: "
                 + ", ".join(f"{reason} {stats.get(f'skipped_{reason}', 0)}" for reason in SKIP_REASONS)
             )
-        lines.append(f"- Prompt budget {self.args.max_prompt_length} tokens (documents cut in the middle), "
-                     f"responses up to {self.args.max_new_tokens} tokens.")
+        lines.append(
+            f"- Prompt budget {self.args.max_prompt_length} tokens (documents cut in the middle), "
+            f"responses up to {self.args.max_new_tokens} tokens."
+        )
         with open(path, "a", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
 
