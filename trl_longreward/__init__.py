@@ -7,11 +7,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # The trainer pulls in trl/transformers training code: import it only when asked for.
+    # The trainer and the callback pull in trl/transformers training code: import them only when asked for.
     if name in ("LongContextDPOConfig", "LongContextDPOTrainer"):
         from . import trainer
 
         return getattr(trainer, name)
+    if name == "LongRewardCallback":
+        from .callback import LongRewardCallback
+
+        return LongRewardCallback
     raise AttributeError(f"module 'trl_longreward' has no attribute {name!r}")
 
 
@@ -23,6 +27,7 @@ __all__ = [
     "JudgeError",
     "LongContextDPOConfig",
     "LongContextDPOTrainer",
+    "LongRewardCallback",
     "Judgement",
     "LongRewardConfig",
     "LongRewardFunction",

@@ -13,6 +13,13 @@ answered from the judge-call cache (default: `<output>.judge_cache.sqlite`).
 
 `build-pairs` is the paper's offline pipeline: k sampled responses per prompt, judged, best vs worst saved as a DPO
 preference dataset (see `trl_longreward.pairs_builder`); resumable the same way.
+
+    trl-longreward evaluate --model SFT_MODEL DPO_MODEL --output_dir eval_out \\
+        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
+
+`evaluate` answers a long-context QA set (default: the bundled held-out split) with each model, scores the answers
+with LongReward, prints the per-dimension table and the win rates against the first model, and writes results.json
+and the judged answers (see `trl_longreward.evaluate`); resumable the same way.
 """
 
 from __future__ import annotations
@@ -111,9 +118,11 @@ commands:
                  trl-longreward score --input FILE --output FILE [options]
   build-pairs  sample k responses per prompt, judge them, save best-vs-worst DPO pairs:
                  trl-longreward build-pairs --model PATH --input FILE --output_dir DIR [options]
+  evaluate     answer a long-context QA set with one or more models and score the answers:
+                 trl-longreward evaluate --model PATH [PATH ...] --output_dir DIR [options]
 
 `trl-longreward COMMAND --help` lists the options of a command (the judge's included)."""
-COMMANDS = ("score", "build-pairs")
+COMMANDS = ("score", "build-pairs", "evaluate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,6 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = HfArgumentParser((BuildPairsArguments, LongRewardConfig), prog="trl-longreward build-pairs")
         pair_args, config = parser.parse_args_into_dataclasses(rest)
         summary = build_pairs(pair_args, config)
+    elif command == "evaluate":
+        from .evaluate import RESULTS_FILE, EvaluateArguments, evaluate_models, format_results
+
+        parser = HfArgumentParser((EvaluateArguments, LongRewardConfig), prog="trl-longreward evaluate")
+        eval_args, config = parser.parse_args_into_dataclasses(rest)
+        results = evaluate_models(eval_args, config)
+        run = results["run"]
+        print(format_results(results))
+        print(
+            f"this run: {run['new_answers']} new answers, {run['new_judgements']} answers judged, "
+            f"{run['judge_calls']} judge calls, {run['cache_hits']} cache hits"
+        )
+        print(f"results: {Path(eval_args.output_dir) / RESULTS_FILE}")
+        return 0
     else:
         print(f"trl-longreward: unknown command {command!r}; available: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2

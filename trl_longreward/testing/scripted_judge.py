@@ -14,6 +14,8 @@ Rules (each can be replaced by passing a callable):
   list; else `No relevant information`.
 - completeness(question, notes, response): 10 x the share of note items that share a word of 5+ letters with the
   response, rounded to one decimal.
+- reference(question, reference, response) (the reference-based rating, not a LongReward dimension): 1 + 9 x the
+  share of the reference's words of 5+ letters that occur in the response, rounded to one decimal.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ TASK_MARKERS = {
     "faithfulness_check": "impartial fact checker",
     "completeness_extract": "extract from this chunk",
     "completeness_score": "how complete the response is",
+    "reference_rating": "rate the assistant's answer against the reference answer",
 }
 _SENTENCE = re.compile(r"[^.!?]*[^.!?\s][^.!?]*\.")
 
@@ -92,6 +95,13 @@ def rule_completeness(question: str, notes: str, response: str) -> float:
     return round(10 * covered / len(items), 1)
 
 
+def rule_reference(question: str, reference: str, response: str) -> float:
+    key = words(reference, 5)
+    if not key:
+        return 10.0
+    return round(1 + 9 * len(key & words(response, 5)) / len(key), 1)
+
+
 class ScriptedLongRewardJudge:
     """A `Responder` for `ScriptedOpenAIServer`: (messages, request body) -> judge text.
 
@@ -108,6 +118,7 @@ class ScriptedLongRewardJudge:
         check: Callable[[str, str], str] = rule_check,
         extract: Callable[[str, str], list[str]] = rule_extract,
         completeness: Callable[[str, str, str], float] = rule_completeness,
+        reference: Callable[[str, str, str], float] = rule_reference,
         garbage_below_temperature: float | None = None,
     ) -> None:
         self.rules = {
@@ -117,6 +128,7 @@ class ScriptedLongRewardJudge:
             "faithfulness_check": check,
             "completeness_extract": extract,
             "completeness_score": completeness,
+            "reference_rating": reference,
         }
         self.garbage_below_temperature = garbage_below_temperature
         self.calls: dict[str, int] = dict.fromkeys(self.rules, 0)
@@ -147,5 +159,8 @@ class ScriptedLongRewardJudge:
             if not items:
                 return "No relevant information"
             return "\n".join(f"{i}. {item}" for i, item in enumerate(items, start=1))
+        if task == "reference_rating":
+            rating = rule(tagged(prompt, "question"), tagged(prompt, "reference"), tagged(prompt, "response"))
+            return f"Analysis: compared the answer with the reference.\nRating: [[{rating:g}]]"
         score = rule(tagged(prompt, "question"), tagged(prompt, "notes"), tagged(prompt, "response"))
         return f"Analysis: scripted completeness judgement.\nScore: [[{score:g}]]"

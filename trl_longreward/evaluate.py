@@ -1,0 +1,467 @@
+"""`trl-longreward evaluate`: answer a long-context QA set with one or more models and score the answers.
+
+    trl-longreward evaluate --model SFT_MODEL DPO_MODEL --output_dir eval_out \\
+        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
+
+Every model writes one answer per prompt of `--input` (default: the bundled held-out split,
+`trl_longreward.data.load_long_qa("eval")`), greedily unless `--do_sample true`; a document longer than
+`--max_prompt_length` is cut in the middle for the model, while the judge always reads the FULL document. Every answer
+is scored with LongReward (per-dimension scores and their mean). Printed: the mean of every dimension and of the reward
+per model, and with two or more models each model's per-prompt win rate against the first (ties and unscored prompts
+counted apart). With `--reference_column answer`, each answer is also rated 1-10 against that column's reference
+answer by the same judge, LongBench-Chat style (`trl_longreward.reward.reference`); `--long_reward false` keeps only
+that rating.
+
+Written to `--output_dir`:
+- `answers.jsonl`: one line per (model, prompt): the answer and the generation settings;
+- `judged.jsonl`: one line per (model, prompt): reward, scores, statuses and the judge's traces (and the rating);
+- `results.json`: the table, the win rates and the configuration;
+- `judge_cache.sqlite`: every judge call.
+
+Resumable: answers already in `answers.jsonl` are not generated again and answers already in `judged.jsonl` are not
+judged again, so a finished evaluation reruns without loading a model or calling the judge; a judged line that is lost
+is judged again from the cache. Resuming with other generation settings or another input is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .answering import generate_answers, load_model
+from .pairs_builder import check_prompt_columns, context_and_question
+from .reward import LongRewardConfig
+from .rows_io import load_rows
+
+ANSWERS_FILE = "answers.jsonl"
+JUDGED_FILE = "judged.jsonl"
+RESULTS_FILE = "results.json"
+JUDGE_CACHE_FILE = "judge_cache.sqlite"
+REFERENCE_SCORE = "reference_score"
+
+Key = tuple[str, int]
+
+
+@dataclass
+class EvaluateArguments:
+    """Arguments of `trl-longreward evaluate` (the judge is configured by `LongRewardConfig`)."""
+
+    model: list[str] = field(
+        metadata={"help": "Models to evaluate (local directories or Hub ids); the first is the win-rate baseline."}
+    )
+    output_dir: str = field(metadata={"help": "Directory for answers.jsonl, judged.jsonl, results.json, the cache."})
+    input: str | None = field(
+        default=None,
+        metadata={"help": "JSONL/JSON/Parquet/CSV file or datasets directory; default: the bundled eval split."},
+    )
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N prompts."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Max tokens per answer."})
+    max_prompt_length: int = field(
+        default=8192, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
+    )
+    do_sample: bool = field(default=False, metadata={"help": "Sample the answers instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top_p (with do_sample)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed; each batch uses seed + its first prompt index."})
+    batch_size: int = field(default=4, metadata={"help": "Prompts per generate call."})
+    judge_batch_size: int = field(
+        default=32, metadata={"help": "Answers judged together (all their calls in flight)."}
+    )
+    reference_column: str | None = field(
+        default=None, metadata={"help": "Column with reference answers: also rate each answer 1-10 against it."}
+    )
+    long_reward: bool = field(
+        default=True, metadata={"help": "Score with LongReward; false keeps only the reference rating."}
+    )
+    tie_margin: float = field(default=0.0, metadata={"help": "Reward differences up to this count as ties."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "Model dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Model device; default cuda when available, else cpu."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):
+            self.model = [self.model]
+        if not self.model:
+            raise ValueError("--model needs at least one model.")
+        if len(set(self.model)) != len(self.model):
+            raise ValueError(f"--model lists a model twice: {self.model}.")
+        if self.max_new_tokens < 1 or self.max_prompt_length < 16:
+            raise ValueError("max_new_tokens must be >= 1 and max_prompt_length >= 16.")
+        if self.batch_size < 1 or self.judge_batch_size < 1:
+            raise ValueError("batch_size and judge_batch_size must be >= 1.")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 with do_sample (use do_sample false for greedy answers).")
+        if not self.long_reward and not self.reference_column:
+            raise ValueError("--long_reward false leaves nothing to score: add --reference_column COLUMN.")
+        if self.tie_margin < 0:
+            raise ValueError("tie_margin must be >= 0.")
+
+    def generation_settings(self) -> dict[str, Any]:
+        """What decides an answer: resuming with other settings would mix answers of two protocols."""
+        settings: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "max_prompt_length": self.max_prompt_length,
+            "do_sample": self.do_sample,
+        }
+        if self.do_sample:  # greedy answers do not depend on these
+            settings.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed, batch_size=self.batch_size)
+        return settings
+
+
+# ----- summaries -----
+
+
+def mean_scores(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float | None]:
+    """The mean of each name over the rows where it is not None (None when no row has it)."""
+    means: dict[str, float | None] = {}
+    for name in names:
+        present = [float(row[name]) for row in rows if row.get(name) is not None]
+        means[name] = sum(present) / len(present) if present else None
+    return means
+
+
+def flat_scores(record: dict[str, Any]) -> dict[str, float | None]:
+    """A judged record's numbers side by side: each dimension, `reward`, and the reference rating if any."""
+    flat: dict[str, float | None] = {**record.get("scores", {}), "reward": record.get("reward")}
+    if record.get("reference") is not None:
+        flat[REFERENCE_SCORE] = record["reference"]["score"]
+    return flat
+
+
+def win_rate(
+    values: Sequence[float | None], baseline: Sequence[float | None], *, tie_margin: float = 0.0
+) -> dict[str, Any]:
+    """Per-prompt comparison of `values` with `baseline`: wins, ties, losses, prompts where either is unscored, and
+    the win rate over the compared prompts (ties count as compared, not as wins)."""
+    counts = {"wins": 0, "ties": 0, "losses": 0, "unscored": 0}
+    for value, base in zip(values, baseline, strict=True):
+        if value is None or base is None:
+            counts["unscored"] += 1
+        elif value - base > tie_margin:
+            counts["wins"] += 1
+        elif base - value > tie_margin:
+            counts["losses"] += 1
+        else:
+            counts["ties"] += 1
+    compared = counts["wins"] + counts["ties"] + counts["losses"]
+    return {**counts, "compared": compared, "win_rate": counts["wins"] / compared if compared else None}
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The per-model table, with the win/tie/loss counts against the first model, as aligned plain text."""
+    table: dict[str, dict[str, Any]] = results["table"]
+    columns = list(results["columns"])
+    baseline = results["config"]["models"][0]
+    header = ["model", *columns, "scored", f"win/tie/loss vs {baseline}" if len(table) > 1 else ""]
+    lines = [header]
+    for model, row in table.items():
+        cells = [
+            model,
+            *("-" if row[c] is None else f"{row[c]:.2f}" for c in columns),
+            f"{row['scored']}/{row['prompts']}",
+        ]
+        wins = results["win_rates"].get(model)
+        if wins is not None:
+            rate = "-" if wins["win_rate"] is None else f"{wins['win_rate']:.0%}"
+            cells.append(f"{wins['wins']}/{wins['ties']}/{wins['losses']} (win rate {rate})")
+        else:
+            cells.append("")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
+# ----- the command -----
+
+
+def evaluate_models(args: EvaluateArguments, config: LongRewardConfig) -> dict[str, Any]:
+    """Generate the missing answers, judge the unjudged ones, write `results.json`; return the results and what
+    this run did (new answers, new judgements, judge calls and cache hits)."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _load_input(args, config)
+    documents = [context_and_question(rows[i], config, i) for i in range(len(rows))]
+    references = [rows[i][args.reference_column] for i in range(len(rows))] if args.reference_column else None
+    if config.cache_path is None:
+        config.cache_path = str(out / JUDGE_CACHE_FILE)
+
+    answers = _read_records(out / ANSWERS_FILE)
+    _check_answers(answers, args, documents)
+    new_answers = 0
+    for name in args.model:
+        todo = [i for i in range(len(rows)) if (name, i) not in answers]
+        if todo:
+            new_answers += _answer(name, args, config, rows, documents, todo, answers, out / ANSWERS_FILE)
+
+    judged = _read_records(out / JUDGED_FILE)
+    pending = [
+        (name, i)
+        for name in args.model
+        for i in range(len(rows))
+        if _needs_judging(judged.get((name, i)), answers[(name, i)], args, config)
+    ]
+    judge_stats = {"judge_calls": 0, "cache_hits": 0, "parse_failures": 0, "judge_errors": 0}
+    if pending:
+        judge_stats = _judge(pending, args, config, documents, references, answers, judged, out / JUDGED_FILE)
+
+    results = _results(args, config, judged, len(rows))
+    tmp = out / (RESULTS_FILE + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out / RESULTS_FILE)
+    return {**results, "run": {"new_answers": new_answers, "new_judgements": len(pending), **judge_stats}}
+
+
+def _load_input(args: EvaluateArguments, config: LongRewardConfig) -> Any:
+    if args.input is None:
+        from .data import load_long_qa
+
+        rows = load_long_qa("eval")
+    else:
+        rows = load_rows(args.input)
+    check_prompt_columns(rows.column_names, config)
+    if args.reference_column and args.reference_column not in rows.column_names:
+        raise ValueError(
+            f"--reference_column {args.reference_column!r} is not a column of the input (columns: "
+            f"{sorted(rows.column_names)})."
+        )
+    if args.limit is not None:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    if len(rows) == 0:
+        raise ValueError("The input has no rows to evaluate.")
+    return rows
+
+
+def prompt_digest(context: str, question: str) -> str:
+    """What identifies a prompt in `answers.jsonl`: a hash of its document and question."""
+    return hashlib.sha256(f"{context}\x00{question}".encode()).hexdigest()
+
+
+def _read_records(path: Path) -> dict[Key, dict[str, Any]]:
+    """The records of a (model, index)-keyed JSONL file, the last line of a key winning. A line cut short by a crash
+    is dropped (the file is rewritten without it) and its work is redone."""
+    records: dict[Key, dict[str, Any]] = {}
+    if not path.exists():
+        return records
+    kept, damaged = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            records[(record["model"], int(record["index"]))] = record
+            kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            damaged = True
+    if damaged:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return records
+
+
+def _check_answers(answers: dict[Key, dict[str, Any]], args: EvaluateArguments, documents: list) -> None:
+    """Resuming onto answers of another input or of other generation settings would mix them silently: refuse."""
+    settings = args.generation_settings()
+    for (name, index), record in answers.items():
+        if name not in args.model or index >= len(documents):
+            continue
+        if record.get("prompt_sha256") != prompt_digest(*documents[index]):
+            raise ValueError(
+                f"{ANSWERS_FILE} holds an answer of {name} to prompt {index}, which is not prompt {index} of the "
+                "input: it was made from another input. Use a new --output_dir."
+            )
+        if record.get("generation") != settings:
+            raise ValueError(
+                f"{ANSWERS_FILE} holds answers of {name} generated with {record.get('generation')}, not with this "
+                f"run's {settings}. Use a new --output_dir, or the same settings."
+            )
+
+
+def _answer(
+    name: str,
+    args: EvaluateArguments,
+    config: LongRewardConfig,
+    rows: Any,
+    documents: list,
+    todo: list[int],
+    answers: dict[Key, dict[str, Any]],
+    path: Path,
+) -> int:
+    """Generate `name`'s missing answers in fixed, seeded groups of `batch_size` prompts; append them to `path`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .trainer.prompts import prepare_prompt_dataset
+
+    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    wanted = set(todo)
+    # Groups never depend on what is done already, so a resumed sampled run draws the same answers.
+    starts = sorted({i // args.batch_size * args.batch_size for i in todo})
+    groups = [list(range(s, min(s + args.batch_size, len(rows)))) for s in starts]
+    needed = [i for group in groups for i in group]
+    prepared = prepare_prompt_dataset(
+        rows.select(needed),
+        tokenizer,
+        max_prompt_length=args.max_prompt_length,
+        context_column=config.context_column,
+        question_column=config.question_column,
+        separator=config.prompt_separator,
+    )
+    position = {index: pos for pos, index in enumerate(needed)}
+    settings = args.generation_settings()
+    written = 0
+    try:
+        with (
+            path.open("a", encoding="utf-8") as sink,
+            tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"generate {name}", unit="prompt") as bar,
+        ):
+            for group in groups:
+                torch.manual_seed(args.seed + group[0])
+                outputs = generate_answers(
+                    model,
+                    tokenizer,
+                    [prepared[position[i]]["prompt_ids"] for i in group],
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=args.do_sample,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    batch_size=len(group),
+                )
+                for index, output in zip(group, outputs, strict=True):
+                    if index not in wanted:  # generated only to keep the group's random stream
+                        continue
+                    record = {
+                        "model": name,
+                        "index": index,
+                        "question": documents[index][1],
+                        "prompt_sha256": prompt_digest(*documents[index]),
+                        "answer": output["text"],
+                        "completion_tokens": len(output["completion_ids"]),
+                        "truncated": prepared[position[index]]["truncated"],
+                        "generation": settings,
+                    }
+                    answers[(name, index)] = record
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    written += 1
+                sink.flush()
+                bar.update(sum(1 for i in group if i in wanted))
+    finally:
+        del model
+    return written
+
+
+def _judge_identity(args: EvaluateArguments, config: LongRewardConfig) -> dict[str, Any]:
+    """Who judged and on what: a judged line of another judge or other dimensions is judged again."""
+    dimensions = list(config.dimensions) if args.long_reward else []
+    return {"backend": config.judge_backend, "model": config.judge_model, "dimensions": dimensions}
+
+
+def _needs_judging(
+    record: dict[str, Any] | None, answer: dict[str, Any], args: EvaluateArguments, config: LongRewardConfig
+) -> bool:
+    if record is None or record.get("answer") != answer["answer"]:
+        return True
+    if record.get("judge") != _judge_identity(args, config):
+        return True
+    if args.long_reward and "reward" not in record:
+        return True
+    return bool(args.reference_column) and (record.get("reference") or {}).get("column") != args.reference_column
+
+
+def _judge(
+    pending: list[Key],
+    args: EvaluateArguments,
+    config: LongRewardConfig,
+    documents: list,
+    references: list[str] | None,
+    answers: dict[Key, dict[str, Any]],
+    judged: dict[Key, dict[str, Any]],
+    path: Path,
+) -> dict[str, int]:
+    """Judge the pending answers in batches, appending one judged.jsonl line per answer; return this run's cost."""
+    from tqdm.auto import tqdm
+
+    from .reward import LongRewardFunction
+    from .reward.reference import ReferenceRater
+
+    reward = LongRewardFunction(config)
+    rater = ReferenceRater(reward) if args.reference_column else None
+    identity = _judge_identity(args, config)
+    try:
+        with path.open("a", encoding="utf-8") as sink, tqdm(total=len(pending), desc="judge", unit="answer") as bar:
+            for start in range(0, len(pending), args.judge_batch_size):
+                batch = pending[start : start + args.judge_batch_size]
+                texts = [answers[key]["answer"] for key in batch]
+                contexts = [documents[i][0] for _, i in batch]
+                questions = [documents[i][1] for _, i in batch]
+                records = [
+                    {"model": m, "index": i, "question": questions[n], "answer": texts[n], "judge": identity}
+                    for n, (m, i) in enumerate(batch)
+                ]
+                if args.long_reward:
+                    judgements = reward.score(
+                        completions=texts, **{config.context_column: contexts, config.question_column: questions}
+                    )
+                    for record, judgement in zip(records, judgements, strict=True):
+                        data = judgement.to_dict()
+                        record.update({k: data[k] for k in ("reward", "scores", "status", "trace")})
+                if rater is not None and references is not None:
+                    refs = [references[i] for _, i in batch]
+                    for record, ref, rating in zip(records, refs, rater.rate(questions, refs, texts), strict=True):
+                        record["reference"] = {"column": args.reference_column, "reference_answer": ref, **rating}
+                for key, record in zip(batch, records, strict=True):
+                    judged[key] = record
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                bar.update(len(batch))
+                bar.set_postfix(_cost(reward, rater))
+        return _cost(reward, rater)
+    finally:
+        reward.close()
+
+
+def _cost(reward: Any, rater: Any) -> dict[str, int]:
+    """Judge calls, cache hits, parse failures and judge errors of this run (LongReward's and the ratings')."""
+    totals = reward.runner.counters.totals()
+    if rater is not None:
+        totals = {key: value + rater.stats()[key] for key, value in totals.items()}
+    return totals
+
+
+def _results(args: EvaluateArguments, config: LongRewardConfig, judged: dict, num_prompts: int) -> dict[str, Any]:
+    """The table (means per model), the win rates against the first model, and the configuration."""
+    columns = [*config.dimensions, "reward"] if args.long_reward else []
+    if args.reference_column:
+        columns.append(REFERENCE_SCORE)
+    per_model = {name: [flat_scores(judged[(name, i)]) for i in range(num_prompts)] for name in args.model}
+    # The win rate compares the reward; in reference-only mode, the reference rating.
+    key = "reward" if args.long_reward else REFERENCE_SCORE
+    table, wins, reference_wins = {}, {}, {}
+    baseline = per_model[args.model[0]]
+    for name, rows in per_model.items():
+        scored = sum(1 for row in rows if row.get(key) is not None)
+        table[name] = {**mean_scores(rows, columns), "scored": scored, "prompts": num_prompts}
+        if name == args.model[0]:
+            continue
+        wins[name] = win_rate([r.get(key) for r in rows], [b.get(key) for b in baseline], tie_margin=args.tie_margin)
+        if args.reference_column and args.long_reward:
+            reference_wins[name] = win_rate(
+                [r.get(REFERENCE_SCORE) for r in rows], [b.get(REFERENCE_SCORE) for b in baseline]
+            )
+    results: dict[str, Any] = {"columns": columns, "table": table, "win_rates": wins, "win_rate_on": key}
+    if reference_wins:
+        results["reference_win_rates"] = reference_wins
+    results["config"] = {
+        "models": list(args.model),
+        "input": args.input or "bundled long-context QA, eval split",
+        "prompts": num_prompts,
+        "generation": args.generation_settings(),
+        "judge": _judge_identity(args, config),
+        "reference_column": args.reference_column,
+        "tie_margin": args.tie_margin,
+    }
+    return results
