@@ -54,6 +54,8 @@ class LongContextDPOConfig(DPOConfig):
 
         > Speed
 
+        shared_prefill (`bool`, defaults to True): The k samples of a prompt share one prefill of the long prompt (its
+            KV cache is repeated k times) instead of k prefills (`generate(num_return_sequences=k)`).
         prompt_once (`bool`, defaults to True): Run each pair as ONE sequence [prompt, chosen, rejected] (branches
             masked from each other, positions restarting after the prompt) instead of TRL's two rows, for both the
             policy and the reference: a long prompt is processed once per model, not twice. Same log-probs, loss and
@@ -111,6 +113,13 @@ class LongContextDPOConfig(DPOConfig):
         default=0.0, metadata={"help": "Share of each batch's pairs drawn from offline_dataset."}
     )
 
+    shared_prefill: bool = field(
+        default=True,
+        metadata={
+            "help": "Prefill each prompt once for its num_samples samples (KV cache repeated per sample) instead of "
+            "once per sample as generate(num_return_sequences=k) does."
+        },
+    )
     prompt_once: bool = field(
         default=True,
         metadata={

@@ -1,4 +1,10 @@
-"""Sample k responses per prompt from the current policy with `generate` (TRL's unwrap handles DeepSpeed/FSDP)."""
+"""Sample k responses per prompt from the current policy with `generate` (TRL's unwrap handles DeepSpeed/FSDP).
+
+Shared prefill: `generate(num_return_sequences=k)` copies each prompt k times BEFORE the prefill, so a long document
+is prefilled k times. Here the prompt batch is prefilled once (all tokens but the last), its KV cache is repeated k
+times (`Cache.batch_repeat_interleave`), and `generate` continues from it: the k samples share one prefill. The
+tokens drawn are the same computation; with greedy decoding the outputs equal plain `generate`'s (tested).
+"""
 
 from __future__ import annotations
 
@@ -38,10 +44,12 @@ def sample_responses(
     max_new_tokens: int,
     batch_size: int | None = None,
     device: Any = None,
+    shared_prefill: bool = True,
+    do_sample: bool = True,
 ) -> list[list[dict[str, Any]]]:
     """`num_samples` sampled responses per prompt (left-padded batches of `batch_size` prompts), each a dict with
     `completion_ids` (up to and including the first EOS) and the decoded `text`. The model is put in eval mode for
-    the duration and restored."""
+    the duration and restored. `shared_prefill`: prefill each prompt once for its k samples (see the module doc)."""
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -54,18 +62,28 @@ def sample_responses(
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
             input_ids, attention_mask = _left_pad(chunk, pad_id)
-            generated = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            settings = dict(
+                do_sample=do_sample,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
                 pad_token_id=pad_id,
                 use_cache=True,
             )
+            if do_sample:
+                settings.update(temperature=temperature, top_p=top_p, top_k=0)
+            cache = _prefill(model, input_ids, attention_mask) if shared_prefill and num_samples > 1 else None
+            if cache is not None:
+                cache.batch_repeat_interleave(num_samples)
+                generated = model.generate(
+                    input_ids=input_ids.repeat_interleave(num_samples, dim=0),
+                    attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
+                    past_key_values=cache,
+                    **settings,
+                )
+            else:
+                generated = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=num_samples, **settings
+                )
             new_tokens = generated[:, input_ids.shape[1] :].tolist()
             for i in range(len(chunk)):
                 per_prompt = []
@@ -78,6 +96,23 @@ def sample_responses(
             model.train()
             _unpack_cpu_4bit_weights(model)
     return out
+
+
+def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The KV cache of all prompt tokens but the last (generate needs one uncached token), or None if the model's
+    cache cannot be repeated per sample (then the caller falls back to `num_return_sequences`)."""
+    if input_ids.shape[1] < 2 or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    outputs = model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = getattr(outputs, "past_key_values", None)
+    return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
 
 
 def _unpack_cpu_4bit_weights(model: Any) -> None:
@@ -112,4 +147,5 @@ def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict
             max_new_tokens=args.max_new_tokens,
             batch_size=args.generation_batch_size,
             device=trainer.accelerator.device,
+            shared_prefill=args.shared_prefill,
         )
