@@ -81,6 +81,7 @@ def test_cjk_prompt_split():
         ({"max_missing_dimensions": 4}, r"must be in \[0, 3\]"),
         ({"max_attempts": 0}, "max_attempts"),
         ({"zero_statement_policy": "half"}, "exclude, full or zero"),
+        ({"verdict_parsing": "fuzzy"}, "use strict"),
         ({"faithfulness_top_k": 0}, "faithfulness_top_k"),
         ({"retriever": "openai"}, "embedding_base_url and embedding_model"),
         ({"judge_backend": "llamacpp"}, "openai, transformers or vllm"),

@@ -233,3 +233,24 @@ def test_embedding_retrieval_finds_the_support_deep_in_a_long_document(make_rewa
     assert judgement.scores["faithfulness"] == 10.0  # the one supporting chunk was among the top 5
     sent = server.requests[-1]["messages"][-1]["content"]
     assert "[1] " in tagged(sent, "passages") and "[5] " in tagged(sent, "passages")
+
+
+def test_lenient_verdict_parsing_reads_unbracketed_verdicts_from_the_same_cached_calls(make_reward, server, tmp_path):
+    script = ScriptedLongRewardJudge()
+
+    def unbracketed(messages: list[dict], body: dict) -> str:  # "Score: 8", "Verdict: Fully supported"
+        return script(messages, body).replace("[[", "").replace("]]", "")
+
+    cache = str(tmp_path / "judge_cache.sqlite")
+    with ScriptedOpenAIServer(unbracketed) as weak:
+        strict, lenient = make_reward(cache_path=cache), make_reward(cache_path=cache, verdict_parsing="lenient")
+        for reward in (strict, lenient):
+            reward.runner.judge.base_url = weak.base_url
+        (s,) = strict.score(**_rows(GOOD))
+        sent = weak.num_chat_requests
+        (judged,) = lenient.score(**_rows(GOOD))
+        assert weak.num_chat_requests == sent  # the same requests and cache keys: every answer comes from the cache
+    assert s.reward is None and s.status["helpfulness"] == "failed"  # strict: the paper's protocol, unchanged
+    assert judged.scores == {"helpfulness": 8.0, "logicality": 9.0, "faithfulness": 10.0, "completeness": 10.0}
+    assert judged.reward == pytest.approx(9.25)
+    assert lenient.stats()["judge_calls"] == 0 and lenient.stats()["parse_failures"] == 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import ChatRequest, Judge, JudgeError
+from .base import ChatRequest, Judge, JudgeError, JudgeUnavailableError
 from .cache import JudgeCallCache
 from .openai_judge import OpenAIJudge
 
 if TYPE_CHECKING:
     from ..reward.config import LongRewardConfig
 
-__all__ = ["ChatRequest", "Judge", "JudgeCallCache", "JudgeError", "OpenAIJudge", "build_judge"]
+__all__ = ["ChatRequest", "Judge", "JudgeCallCache", "JudgeError", "JudgeUnavailableError", "OpenAIJudge", "build_judge"]
 
 
 def __getattr__(name: str) -> Any:
@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:
 def build_judge(config: LongRewardConfig) -> Judge:
     """The judge a `LongRewardConfig` describes."""
     if config.judge_backend == "openai":
-        if not config.judge_base_url or not config.judge_model:
+        if not config.judge_base_urls or not config.judge_model:
             raise ValueError(
                 "The OpenAI-compatible judge needs judge_base_url and judge_model (e.g. "
                 "judge_base_url='http://127.0.0.1:8000/v1' for `vllm serve MODEL --port 8000`), or pick "
@@ -38,11 +38,12 @@ def build_judge(config: LongRewardConfig) -> Judge:
             )
         return OpenAIJudge(
             config.judge_model,
-            config.judge_base_url,
+            config.judge_base_urls,
             api_key_env=config.judge_api_key_env,
             max_concurrency=config.judge_max_concurrency,
             timeout=config.judge_timeout,
             max_retries=config.judge_max_retries,
+            endpoint_cooldown=config.judge_endpoint_cooldown,
         )
     if config.judge_backend == "transformers":
         from .transformers_judge import TransformersJudge

@@ -43,6 +43,13 @@ class JudgeError(RuntimeError):
     """A judge call failed for good (after the backend's own transport retries)."""
 
 
+class JudgeUnavailableError(RuntimeError):
+    """Training stopped because the judge failed every call for several consecutive steps.
+
+    A checkpoint was saved first and the judge cache is intact: bring the judge back and resume from the checkpoint.
+    """
+
+
 @dataclass
 class JudgeStats:
     """Counters a backend keeps; read them to see what a run cost."""
@@ -60,6 +67,12 @@ class JudgeStats:
 
     def as_dict(self) -> dict[str, int]:
         return {"requests": self.requests, "failures": self.failures, "completion_tokens": self.completion_tokens}
+
+    def __getstate__(self) -> dict:
+        return self.as_dict()  # a lock does not pickle; the copy gets its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
 
 
 class Judge(ABC):

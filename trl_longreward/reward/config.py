@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..judges.endpoints import parse_base_urls
+
 DIMENSIONS = ("helpfulness", "logicality", "faithfulness", "completeness")
 
 
@@ -21,10 +23,16 @@ class LongRewardConfig:
             `"transformers"`: an in-process transformers model; `"vllm"`: in-process `vllm.LLM`.
         judge_model (`str` or `None`): Model name at the endpoint, or a local path / Hub id for in-process backends.
             `None` with an in-process backend means the embedded SmolLM2-135M-Instruct.
-        judge_base_url (`str` or `None`): Base URL of the OpenAI-compatible endpoint, e.g. `http://127.0.0.1:8000/v1`.
-        judge_api_key_env (`str`): Name of the environment variable holding the API key. The key itself is never a
-            config value, so it can never be written to a saved config, checkpoint or model card.
-        judge_max_concurrency (`int`): Judge calls in flight at once (per process).
+        judge_base_url (`str`, `list[str]` or `None`): Base URL of the OpenAI-compatible endpoint, e.g.
+            `http://127.0.0.1:8000/v1`. Several replicas of the same judge (one `vllm serve` per node) as a list or a
+            comma-separated string: each call goes to the least-loaded replica in rotation, and a failing replica is
+            taken out for `judge_endpoint_cooldown` seconds while its calls go to the others.
+        judge_api_key_env (`str`): Name of the environment variable holding the API key (sent to every replica). The
+            key itself is never a config value, so it can never be written to a saved config, checkpoint or model card.
+        judge_max_concurrency (`int`): Judge calls in flight at once per endpoint (per process): n replicas take up
+            to n times this many.
+        judge_endpoint_cooldown (`float`): Seconds a failed judge replica stays out of rotation before one call
+            probes it again.
         judge_timeout (`float`): Seconds before one HTTP judge call times out.
         judge_max_retries (`int`): Transport retries (429, 5xx, timeouts, connection errors) with exponential backoff.
 
@@ -36,6 +44,12 @@ class LongRewardConfig:
             only kept responses with all four scores, hence 0.
         max_attempts (`int`): Tries per judge call whose answer cannot be parsed (reference: 5).
         first_temperature / retry_temperature (`float`): Sampling temperature of the first try and of the re-samples.
+        verdict_parsing (`str`): `"strict"` (default, the paper): only `[[N]]`, `[[label]]` and `<statement>` tags
+            count. `"lenient"` (a deviation, for weak judges such as the demo's SmolLM2-135M, which rarely copies
+            that format) also reads `Score: 7`, `Rating: 7/10`, `7 out of 10`, `[7]` or `**7**` ending a line,
+            unbracketed or differently cased support labels, and numbered lists of statements; a verdict in the
+            paper's format always wins, numbers outside 0-10 are rejected, quoted text is ignored, and cache keys are
+            the same in both modes (see `trl_longreward/reward/lenient_parsing.py`).
         zero_statement_policy (`str`): Faithfulness of a response with no factual statement. `"exclude"` (default):
             faithfulness is not applicable, the reward is the mean of the other dimensions (as FactScore leaves
             abstaining answers out of precision); `"full"`: 10 (nothing unsupported was claimed); `"zero"`: 0.
@@ -47,20 +61,32 @@ class LongRewardConfig:
     """
 
     judge_backend: Literal["openai", "transformers", "vllm"] = field(
-        default="openai", metadata={"help": "Judge backend: openai (any OpenAI-compatible endpoint), transformers, vllm."}
+        default="openai",
+        metadata={"help": "Judge backend: openai (any OpenAI-compatible endpoint), transformers, vllm."},
     )
     judge_model: str | None = field(
         default=None,
         metadata={"help": "Judge model name at the endpoint, or a local path/Hub id for in-process backends."},
     )
-    judge_base_url: str | None = field(
-        default=None, metadata={"help": "Base URL of the OpenAI-compatible judge, e.g. http://127.0.0.1:8000/v1."}
+    # `list[str]` first: HfArgumentParser then reads the flag as one string (comma-separated for several replicas).
+    judge_base_url: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of the OpenAI-compatible judge, e.g. http://127.0.0.1:8000/v1; several replicas of the "
+            "same judge comma-separated (or a list), each call going to the least-loaded one."
+        },
     )
     judge_api_key_env: str = field(
         default="OPENAI_API_KEY",
         metadata={"help": "Environment variable holding the judge API key (the key is never stored)."},
     )
-    judge_max_concurrency: int = field(default=32, metadata={"help": "Judge calls in flight at once per process."})
+    judge_max_concurrency: int = field(
+        default=32, metadata={"help": "Judge calls in flight at once per judge endpoint (per process)."}
+    )
+    judge_endpoint_cooldown: float = field(
+        default=30.0,
+        metadata={"help": "Seconds a failed judge replica stays out of rotation before it is probed again."},
+    )
     judge_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP judge call times out."})
     judge_max_retries: int = field(
         default=5, metadata={"help": "Transport retries with backoff on 429/5xx/timeouts/connection errors."}
@@ -77,13 +103,22 @@ class LongRewardConfig:
     max_attempts: int = field(default=5, metadata={"help": "Tries per judge call whose answer does not parse."})
     first_temperature: float = field(default=0.0, metadata={"help": "Temperature of the first try of a judge call."})
     retry_temperature: float = field(default=0.95, metadata={"help": "Temperature of re-sampled tries."})
+    verdict_parsing: Literal["strict", "lenient"] = field(
+        default="strict",
+        metadata={
+            "help": "strict: only the paper's [[N]] / [[label]] / <statement> verdicts. lenient (a deviation, for weak "
+            "judges): also 'Score: 7', '7/10', '[7]' at a line end, bare labels, numbered statement lists."
+        },
+    )
     score_max_tokens: int = field(default=512, metadata={"help": "Judge output budget of 0-10 scoring calls."})
     break_max_tokens: int = field(default=2048, metadata={"help": "Judge output budget of the statement breakdown."})
     check_max_tokens: int = field(default=512, metadata={"help": "Judge output budget of one statement check."})
     extract_max_tokens: int = field(default=1024, metadata={"help": "Judge output budget of a chunk's notes."})
     zero_statement_policy: Literal["exclude", "full", "zero"] = field(
         default="exclude",
-        metadata={"help": "Faithfulness of a response with no factual statement: exclude (not applicable), full, zero."},
+        metadata={
+            "help": "Faithfulness of a response with no factual statement: exclude (not applicable), full, zero."
+        },
     )
     faithfulness_chunk_tokens: int = field(default=128, metadata={"help": "Retrieval chunk size in tokens."})
     faithfulness_top_k: int = field(default=5, metadata={"help": "Passages shown per statement check."})
@@ -144,21 +179,38 @@ class LongRewardConfig:
             )
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}.")
+        if self.verdict_parsing not in ("strict", "lenient"):
+            raise ValueError(f"verdict_parsing={self.verdict_parsing!r}: use strict (the paper) or lenient.")
         if self.zero_statement_policy not in ("exclude", "full", "zero"):
             raise ValueError(f"zero_statement_policy={self.zero_statement_policy!r}: use exclude, full or zero.")
         if not 0.0 < self.faithfulness_min_checked_fraction <= 1.0:
             raise ValueError("faithfulness_min_checked_fraction must be in (0, 1].")
-        for name in ("faithfulness_chunk_tokens", "faithfulness_top_k", "completeness_chunk_tokens",
-                     "judge_max_concurrency", "score_max_tokens", "break_max_tokens", "check_max_tokens",
-                     "extract_max_tokens"):
+        for name in (
+            "faithfulness_chunk_tokens",
+            "faithfulness_top_k",
+            "completeness_chunk_tokens",
+            "judge_max_concurrency",
+            "score_max_tokens",
+            "break_max_tokens",
+            "check_max_tokens",
+            "extract_max_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.judge_endpoint_cooldown < 0:
+            raise ValueError(f"judge_endpoint_cooldown must be >= 0 seconds, got {self.judge_endpoint_cooldown}.")
+        parse_base_urls(self.judge_base_url, name="judge_base_url")  # a malformed URL fails here, not mid-training
         if self.judge_backend not in ("openai", "transformers", "vllm"):
             raise ValueError(f"judge_backend={self.judge_backend!r}: use openai, transformers or vllm.")
         if self.retriever not in ("embedding", "openai", "bm25"):
             raise ValueError(f"retriever={self.retriever!r}: use embedding, openai or bm25.")
         if self.retriever == "openai" and not (self.embedding_base_url and self.embedding_model):
             raise ValueError("retriever='openai' needs embedding_base_url and embedding_model.")
+
+    @property
+    def judge_base_urls(self) -> list[str]:
+        """The judge endpoint URLs (`judge_base_url` split into its replicas; empty when unset)."""
+        return parse_base_urls(self.judge_base_url, name="judge_base_url")
 
     def weight(self, dimension: str) -> float:
         return 1.0 if self.dimension_weights is None else float(self.dimension_weights.get(dimension, 0.0))

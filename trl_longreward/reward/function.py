@@ -256,8 +256,13 @@ class LongRewardFunction:
         return judgements
 
     def stats(self) -> dict[str, Any]:
-        """Cumulative cost of this reward function: judge calls sent, cache hits, parse failures, judge errors."""
-        return {**self.runner.counters.totals(), "by_template": self.runner.counters.snapshot()}
+        """Cumulative cost of this reward function: judge calls sent, cache hits, parse failures, judge errors; with a
+        judge over HTTP endpoints also each endpoint's calls, failures and time out of rotation."""
+        stats: dict[str, Any] = {**self.runner.counters.totals(), "by_template": self.runner.counters.snapshot()}
+        endpoint_stats = getattr(self.judge, "endpoint_stats", None)
+        if callable(endpoint_stats):
+            stats["judge_endpoints"] = endpoint_stats()
+        return stats
 
     def close(self) -> None:
         if self._loop is not None:

@@ -9,12 +9,12 @@ as LongReward's calls, so it is cached, re-sampled when the verdict does not par
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .calls import JudgeRunner, describe_call
-from .parsing import parse_score
+from .parsing import parse_score, verdict_parsers
 
 if TYPE_CHECKING:
     from .function import LongRewardFunction
@@ -23,9 +23,9 @@ REFERENCE_TEMPLATE = "reference_rating"
 MIN_RATING = 1.0
 
 
-def parse_rating(text: str) -> float | None:
-    """The last `[[N]]`, clipped to the rating scale [1, 10]; None if there is none."""
-    score = parse_score(text)
+def parse_rating(text: str, parse: Callable[[str], float | None] = parse_score) -> float | None:
+    """The last `[[N]]` (or what `parse` reads, e.g. the lenient score parser), clipped to [1, 10]; None if none."""
+    score = parse(text)
     return None if score is None else max(MIN_RATING, score)
 
 
@@ -45,6 +45,7 @@ class ReferenceRater:
         own = config.prompt_dir is not None and (Path(config.prompt_dir) / f"{REFERENCE_TEMPLATE}.txt").is_file()
         self.reward = reward
         self.max_tokens = max_tokens or config.score_max_tokens
+        self._parse_score = verdict_parsers(config.verdict_parsing).score
         self.runner = JudgeRunner(
             reward.judge,
             reward.cache,
@@ -59,7 +60,7 @@ class ReferenceRater:
         result = await self.runner.run(
             REFERENCE_TEMPLATE,
             {"question": question, "reference": reference, "response": response},
-            parse_rating,
+            lambda text: parse_rating(text, self._parse_score),
             max_tokens=self.max_tokens,
         )
         trace = describe_call(result)

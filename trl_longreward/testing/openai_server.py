@@ -162,7 +162,8 @@ class ScriptedOpenAIServer:
             assistant message. If it raises, the request is answered 500 with the error message.
         model: the one model id listed by `/v1/models` and echoed in responses.
         host, port: where to bind; port 0 picks a free port (read it back from `base_url`).
-        latency_s: sleep per admitted chat request (simulated judge latency).
+        latency_s: time each admitted chat request takes at least (simulated judge latency); the responder's own
+            time counts toward it.
         max_concurrency: if set, a chat request arriving while this many are being handled is answered 429 with
             `Retry-After: 0` (a rate limiter) and counted in `num_rejected`.
         fault_rate: probability that an admitted chat request gets a fault instead of a normal answer.
@@ -371,14 +372,21 @@ class ScriptedOpenAIServer:
             handler.send_error_json(429, "Too many concurrent requests.", "rate_limit_error", {"Retry-After": "0"})
             return
         try:
-            if self.latency_s > 0:
-                self._stopping.wait(self.latency_s)
-            self._answer_chat(handler, body, fault)
+            self._answer_chat(handler, body, fault, time.monotonic() + self.latency_s)
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    def _answer_chat(self, handler: _Handler, body: dict, fault: str | None) -> None:
+    def _wait_until(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            self._stopping.wait(remaining)
+
+    def _answer_chat(self, handler: _Handler, body: dict, fault: str | None, deadline: float) -> None:
+        """Answer after `deadline` (arrival + latency): the responder's own time counts toward the latency, so a
+        slow responder does not stretch it, as a real judge's latency includes its compute."""
+        if fault not in (None, "no_verdict"):
+            self._wait_until(deadline)
         if fault in ("500", "502", "503"):
             handler.send_error_json(int(fault), f"Injected fault {fault}.", "server_error")
             return
@@ -406,9 +414,12 @@ class ScriptedOpenAIServer:
             try:
                 text = self.responder(messages, body)
             except Exception as err:  # any responder failure becomes a server error, as with a real judge
+                self._wait_until(deadline)
                 handler.send_error_json(500, f"Responder failed: {type(err).__name__}: {err}", "server_error")
                 return
-        handler.send_json(200, self._completion(messages, text))
+        completion = self._completion(messages, text)
+        self._wait_until(deadline)
+        handler.send_json(200, completion)
 
     def _completion(self, messages: list[dict], text: str) -> dict[str, Any]:
         """A ChatCompletion payload in exactly OpenAI's shape."""
@@ -479,7 +490,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--model", default="scripted-judge")
     parser.add_argument("--reply", default="[[7]]", help="assistant text returned for every chat request")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds slept per chat request")
+    parser.add_argument("--latency", type=float, default=0.0, help="minimum seconds per chat request")
     parser.add_argument("--max-concurrency", type=int, default=None, help="answer 429 above this many in flight")
     parser.add_argument("--fault-rate", type=float, default=0.0)
     parser.add_argument("--faults", default="500", help=f"comma-separated, from {','.join(FAULT_KINDS)}")

@@ -11,6 +11,7 @@ from typing import Any
 from ..calls import JudgeRunner
 from ..config import LongRewardConfig
 from ..inputs import Sample
+from ..parsing import VerdictParsers, verdict_parsers
 from ..retrieval import Retriever, TokenChunker
 
 OK = "ok"
@@ -75,12 +76,15 @@ class ScoringServices:
 
 
 class DimensionScorer(ABC):
+    """One dimension's pipeline. `parsers` reads the judge's verdicts as `config.verdict_parsing` says."""
+
     name: str
 
     def __init__(self, services: ScoringServices) -> None:
         self.services = services
         self.config = services.config
         self.runner = services.runner
+        self.parsers: VerdictParsers = verdict_parsers(self.config.verdict_parsing)
 
     @abstractmethod
     async def score(self, sample: Sample, state: PromptState) -> DimensionResult: ...

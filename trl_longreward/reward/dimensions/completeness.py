@@ -17,7 +17,6 @@ from typing import Any
 
 from ..calls import describe_call
 from ..inputs import Sample
-from ..parsing import parse_notes, parse_score
 from .base import FAILED, OK, DimensionResult, DimensionScorer, PromptState
 
 NO_NOTES = "No relevant information was found in any part of the document."
@@ -41,7 +40,7 @@ class CompletenessScorer(DimensionScorer):
                 self.runner.run(
                     "completeness_extract",
                     {"question": state.question, "chunk": chunk},
-                    parse_notes,
+                    self.parsers.notes,
                     max_tokens=self.config.extract_max_tokens,
                 )
                 for chunk in chunks
@@ -68,7 +67,7 @@ class CompletenessScorer(DimensionScorer):
         result = await self.runner.run(
             "completeness_score",
             {"question": sample.question, "notes": extraction["notes"], "response": sample.response},
-            parse_score,
+            self.parsers.score,
             max_tokens=self.config.score_max_tokens,
         )
         return DimensionResult(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..calls import describe_call
 from ..inputs import Sample
-from ..parsing import parse_score
 from .base import FAILED, OK, DimensionResult, DimensionScorer, PromptState
 
 
@@ -13,7 +12,7 @@ class _QuestionResponseScorer(DimensionScorer):
         result = await self.runner.run(
             self.name,
             {"question": sample.question, "response": sample.response},
-            parse_score,
+            self.parsers.score,
             max_tokens=self.config.score_max_tokens,
         )
         return DimensionResult(

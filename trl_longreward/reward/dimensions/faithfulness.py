@@ -17,7 +17,6 @@ import asyncio
 
 from ..calls import describe_call
 from ..inputs import Sample
-from ..parsing import parse_statements, parse_support
 from ..retrieval import RetrievalIndex
 from .base import FAILED, NOT_APPLICABLE, OK, DimensionResult, DimensionScorer, PromptState
 
@@ -38,7 +37,7 @@ class FaithfulnessScorer(DimensionScorer):
         broken = await self.runner.run(
             "faithfulness_break",
             {"question": sample.question, "response": sample.response},
-            parse_statements,
+            self.parsers.statements,
             max_tokens=self.config.break_max_tokens,
         )
         trace = {"break": describe_call(broken)}
@@ -58,14 +57,15 @@ class FaithfulnessScorer(DimensionScorer):
                 self.runner.run(
                     "faithfulness_check",
                     {"statement": statement, "passages": format_passages(index.chunks, chunk_ids)},
-                    parse_support,
+                    self.parsers.support,
                     max_tokens=self.config.check_max_tokens,
                 )
                 for statement, chunk_ids in zip(statements, top, strict=True)
             )
         )
         trace["checks"] = [
-            {"statement": s, "passages": ids, **describe_call(c)} for s, ids, c in zip(statements, top, checks, strict=True)
+            {"statement": s, "passages": ids, **describe_call(c)}
+            for s, ids, c in zip(statements, top, checks, strict=True)
         ]
         values = [c.value for c in checks if c.ok]
         if len(values) < self.config.faithfulness_min_checked_fraction * len(statements):
