@@ -204,13 +204,17 @@ def test_resume_reuses_every_judge_call_and_continues_the_same_way(model_path, t
     for key in ("rewards/chosen_mean", "rewards/rejected_mean", "pairs/online", "long_reward/reward/mean"):
         assert step2[key] == pytest.approx(reference_logs[1][key]), key
     assert step2["long_reward/judge_calls"] == 0
+    # the pair statistics (model card) continue from the checkpoint instead of restarting at 0
+    assert resumed.pair_stats == full.pair_stats and resumed.pair_stats["prompts"] == 4
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"num_samples": 1}, "at least 2 samples"),
-        ({"generation_backend": "vllm_server"}, "not available yet"),
+        ({"generation_backend": "vllm_server"}, "needs vLLM: pip install"),
+        ({"generation_backend": "vllm_colocate"}, "needs vLLM: pip install"),
+        ({"max_judge_outage_steps": -1}, "max_judge_outage_steps"),
         ({"min_scored_samples": 9}, "min_scored_samples"),
         ({"offline_ratio": 1.0}, "offline_ratio"),
         ({"precompute_ref_log_probs": True}, "generated during training"),
@@ -265,3 +269,36 @@ def test_gradient_accumulation(model_path, tmp_path, judge_server):
     trainer.train()
     assert trainer.state.global_step == 1 and trainer.pair_stats["prompts"] == 2  # two micro-batches of one prompt
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+class RecordingVLLMGeneration:
+    """Stands in for `trl.generation.VLLMGeneration` (vLLM needs a GPU): same `generate`/`sync_weights` contract,
+    answers with token ids drawn from the prompt, and records what the trainer asked for."""
+
+    def __init__(self, eos_token_id: int):
+        self.eos_token_id = eos_token_id
+        self.calls: list[tuple[list[list[int]], int]] = []
+        self.syncs = 0
+
+    def sync_weights(self):
+        self.syncs += 1
+
+    def generate(self, prompts, images, num_generations):
+        self.calls.append((prompts, num_generations))
+        completions = [p[-(3 + i % num_generations) :] + [self.eos_token_id, 7, 7] for i, p in enumerate(prompts)]
+        return prompts, completions, None, None
+
+
+def test_vllm_backend_contract(model_path, tmp_path, judge_server):
+    trainer = _trainer(model_path, tmp_path, judge_server, max_steps=2)
+    fake = RecordingVLLMGeneration(trainer._tokenizer.eos_token_id)
+    trainer.vllm_generation = fake
+    trainer.train()
+    assert fake.syncs == 2  # the policy's weights are pushed once per optimizer step
+    for prompts, k in fake.calls:
+        assert k == 4 and len(prompts) == 2 * 4
+        assert all(prompts[i] == prompts[i - i % 4] for i in range(len(prompts)))  # each prompt k times in a row
+    selection = trainer.last_selections[0]
+    assert selection.ok  # completions of different lengths got different rewards: a pair was formed
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(log["pairs/online"] > 0 for log in logs)

@@ -1,6 +1,6 @@
 """trl-longreward: LongReward (arXiv 2410.21252) for TRL."""
 
-from .judges import ChatRequest, Judge, JudgeCallCache, JudgeError, OpenAIJudge
+from .judges import ChatRequest, Judge, JudgeCallCache, JudgeError, JudgeUnavailableError, OpenAIJudge
 from .reward import DIMENSIONS, Judgement, LongRewardConfig, LongRewardFunction
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "Judge",
     "JudgeCallCache",
     "JudgeError",
+    "JudgeUnavailableError",
     "LongContextDPOConfig",
     "LongContextDPOTrainer",
     "LongRewardCallback",

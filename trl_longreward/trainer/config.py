@@ -28,8 +28,13 @@ class LongContextDPOConfig(DPOConfig):
         max_new_tokens (`int`): Length budget of each sampled response.
         max_prompt_length (`int`): Token budget of the policy's prompt; longer documents are cut in the MIDDLE (head
             and tail kept, never the question). The judge always sees the full document.
-        generation_backend (`str`): `"transformers"` (generate inside the training process). vLLM generation is not
-            available yet and fails at construction.
+        generation_backend (`str`): `"transformers"` (generate inside the training process), `"vllm_colocate"`
+            (a vLLM engine inside each training process, sharing its GPU) or `"vllm_server"` (a `trl vllm-serve`
+            server on other GPUs; weights pushed after every optimizer step), both through `trl.generation`.
+        vllm_server_base_url / vllm_server_host / vllm_server_port / vllm_group_port / vllm_server_timeout: where the
+            `vllm_server` backend finds the server (as in TRL's GRPOConfig).
+        vllm_gpu_memory_utilization / vllm_tensor_parallel_size / vllm_max_model_length / vllm_enable_sleep_mode:
+            the `vllm_colocate` engine's settings.
         generation_batch_size (`int` or `None`): Prompts per `generate` call; None = the whole per-device batch.
 
         > Pairs
@@ -51,6 +56,12 @@ class LongContextDPOConfig(DPOConfig):
 
         offline_ratio (`float`): Share of each batch's pairs taken from `offline_dataset` (prompt/chosen/rejected, e.g.
             ordinary short-context DPO data). 0 = online pairs only.
+
+        > Reliability
+
+        max_judge_outage_steps (`int`, defaults to 3): When every sample of a step is unscored because the judge
+            failed (errors, not malformed answers) for this many consecutive steps on all ranks, the trainer saves a
+            checkpoint and raises `JudgeUnavailableError` naming the endpoint and the resume command. 0: never stop.
 
         > Speed
 
@@ -88,7 +99,30 @@ class LongContextDPOConfig(DPOConfig):
         default=2048, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
     )
     generation_backend: Literal["transformers", "vllm_colocate", "vllm_server"] = field(
-        default="transformers", metadata={"help": "How responses are sampled: transformers (generate in process)."}
+        default="transformers",
+        metadata={
+            "help": "How responses are sampled: transformers (generate in process), vllm_colocate (vLLM in each "
+            "training process) or vllm_server (a `trl vllm-serve` server on other GPUs)."
+        },
+    )
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "vllm_server: base URL of the server (overrides host and port)."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vllm_server: host of the server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vllm_server: port of the server."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "vllm_server: port of the weight-update group."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "vllm_server: seconds to wait for the server to come up."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm_colocate: share of the GPU memory the vLLM engine may take."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vllm_colocate: tensor parallel size."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vllm_colocate: context length of the engine; default: the model's."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "vllm_colocate: offload the engine's memory during the DPO step."}
     )
     generation_batch_size: int | None = field(
         default=None, metadata={"help": "Prompts per generate call; default: the whole per-device batch."}
@@ -113,6 +147,13 @@ class LongContextDPOConfig(DPOConfig):
         default=0.0, metadata={"help": "Share of each batch's pairs drawn from offline_dataset."}
     )
 
+    max_judge_outage_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Stop (saving a checkpoint) when every judge call failed for this many consecutive steps; "
+            "0: never stop."
+        },
+    )
     shared_prefill: bool = field(
         default=True,
         metadata={
@@ -139,11 +180,20 @@ class LongContextDPOConfig(DPOConfig):
             self.min_scored_samples = max(2, math.ceil(self.num_samples / 2))
         if not 2 <= self.min_scored_samples <= self.num_samples:
             raise ValueError(f"min_scored_samples must be in [2, num_samples={self.num_samples}].")
-        if self.generation_backend != "transformers":
+        if self.generation_backend not in ("transformers", "vllm_colocate", "vllm_server"):
             raise ValueError(
-                f"generation_backend={self.generation_backend!r} is not available yet; use 'transformers'. "
-                "A vLLM judge works already: point the reward at `vllm serve` (judge_base_url)."
+                f"generation_backend={self.generation_backend!r}: use transformers, vllm_colocate or vllm_server."
             )
+        if self.generation_backend != "transformers":
+            from trl.import_utils import is_vllm_available
+
+            if not is_vllm_available():
+                raise ValueError(
+                    f"generation_backend={self.generation_backend!r} needs vLLM: pip install 'trl-longreward[vllm]' "
+                    "(or use generation_backend='transformers')."
+                )
+        if self.max_judge_outage_steps < 0:
+            raise ValueError("max_judge_outage_steps must be >= 0 (0: never stop).")
         if not 0.0 <= self.offline_ratio < 1.0:
             raise ValueError(f"offline_ratio must be in [0, 1), got {self.offline_ratio}.")
         if self.min_reward_gap < 0:

@@ -132,8 +132,11 @@ def _unpack_cpu_4bit_weights(model: Any) -> None:
 
 
 def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The trainer's policy samples `num_samples` responses for each row (unwrapped from DDP/DeepSpeed/FSDP)."""
+    """The trainer's policy samples `num_samples` responses for each row (unwrapped from DDP/DeepSpeed/FSDP), or
+    vLLM does (`trainer.vllm_generation`) with the policy's current weights."""
     args = trainer.args
+    if getattr(trainer, "vllm_generation", None) is not None:
+        return vllm_samples(trainer, rows)
     with unwrap_model_for_generation(
         trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
     ) as model:
@@ -149,3 +152,31 @@ def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict
             device=trainer.accelerator.device,
             shared_prefill=args.shared_prefill,
         )
+
+
+def vllm_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """`num_samples` responses per row from TRL's `VLLMGeneration` (colocate or server mode).
+
+    The policy's weights are pushed to vLLM once per optimizer step (before the first generation after it). Prompts
+    are passed repeated `num_samples` times consecutively, as `VLLMGeneration.generate` expects.
+    """
+    k = trainer.args.num_samples
+    step = trainer.state.global_step
+    if trainer._vllm_synced_step != step:
+        trainer.vllm_generation.sync_weights()
+        trainer._vllm_synced_step = step
+    prompts = [row["prompt_ids"] for row in rows for _ in range(k)]
+    _, completion_ids, _, _ = trainer.vllm_generation.generate(prompts=prompts, images=None, num_generations=k)
+    if len(completion_ids) != len(prompts):
+        raise RuntimeError(f"vLLM returned {len(completion_ids)} completions for {len(prompts)} requested.")
+    tokenizer = trainer._tokenizer
+    eos = trainer.model.generation_config.eos_token_id if trainer.model.generation_config else None
+    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+    out = []
+    for i in range(len(rows)):
+        per_prompt = []
+        for ids in completion_ids[i * k : (i + 1) * k]:
+            ids = _completion_ids(list(ids), eos_ids)
+            per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
+        out.append(per_prompt)
+    return out

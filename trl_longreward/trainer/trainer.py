@@ -11,6 +11,7 @@ loss scaled to 0, so distributed ranks never wait on each other forever.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_callable_name
 
+from ..judges.base import JudgeUnavailableError
 from .config import LongContextDPOConfig
 from .generation import generate_samples
 from .pairs import SKIP_REASONS, select_best_worst
@@ -33,6 +35,7 @@ from .prompt_once import pack_pairs, prompt_once_forward, unsupported_reason
 from .prompts import PromptCollator, prepare_prompt_dataset
 
 _LOSS_SCALE = "loss_scale"
+PAIR_STATS_FILE = "long_reward_pair_stats.json"
 logger = logging.getLogger(__name__)
 
 
@@ -120,6 +123,9 @@ class LongContextDPOTrainer(DPOTrainer):
             )
         self._offline_cursor = 0
         self._prompt_once_warned: set[str] = set()
+        self._judge_outage_steps = 0
+        self.vllm_generation = self._build_vllm_generation()
+        self._vllm_synced_step: int | None = None
         self.pair_stats: Counter = Counter()
         self.last_selections: list = []  # the latest step's pair selections and rewards, for inspection
         self.last_rewards: list[float | None] = []
@@ -186,6 +192,10 @@ class LongContextDPOTrainer(DPOTrainer):
         num_online = len(examples)
         examples.extend(self._offline_examples(num_online))
         num_offline = len(examples) - num_online
+        outage = self._log_step(rows, selections, num_online, num_offline, rewards, reward_metrics)
+        self._judge_outage_steps = self._judge_outage_steps + 1 if outage else 0
+        if self.args.max_judge_outage_steps and self._judge_outage_steps >= self.args.max_judge_outage_steps:
+            self._stop_for_judge_outage(model, reward_metrics)
         loss_scale = 1.0
         if not examples:  # keep this rank in step with the others: a real forward/backward whose loss counts 0
             first = samples[0][0]["completion_ids"]
@@ -198,7 +208,6 @@ class LongContextDPOTrainer(DPOTrainer):
 
         self.last_selections = selections
         self.last_rewards = rewards
-        self._log_step(rows, selections, num_online, num_offline, rewards, reward_metrics)
         for name, seconds in (
             ("generation", generated - started),
             ("judging", judged - generated),
@@ -322,6 +331,76 @@ class LongContextDPOTrainer(DPOTrainer):
             out.append({key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")})
         return out
 
+    # ----- judge outages, checkpoints -----
+
+    def _stop_for_judge_outage(self, model, reward_metrics: dict[str, float]) -> None:
+        """Save a checkpoint (every rank takes part) and raise with what happened and how to go on."""
+        self._save_checkpoint(model, trial=None)
+        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        judges = [info.get("judge", {}) for info in map(_describe_reward, self.reward_funcs)]
+        endpoints = sorted({str(j.get("base_url") or j.get("base_urls") or j.get("model") or "?") for j in judges})
+        caches = sorted(
+            {str(p) for f in self.reward_funcs if (p := getattr(getattr(f, "config", None), "cache_path", None))}
+        )
+        raise JudgeUnavailableError(
+            f"The judge failed every call for {self._judge_outage_steps} consecutive steps "
+            f"({reward_metrics.get('long_reward/judge_errors', 0):.0f} failed calls in the last step); judge: "
+            f"{', '.join(endpoints)}. Training stopped after saving {checkpoint}"
+            + (f"; judge results so far are kept in {', '.join(caches)}" if caches else "")
+            + ". Bring the judge back (check the URL, the server's log, the API key variable), then resume with "
+            "trainer.train(resume_from_checkpoint=True) or the recipe's --resume_from_checkpoint last. "
+            "max_judge_outage_steps=0 disables this stop."
+        )
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.is_world_process_zero():
+            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PAIR_STATS_FILE)
+            if os.path.isdir(os.path.dirname(path)):
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump({"pair_stats": dict(self.pair_stats), "offline_cursor": self._offline_cursor}, handle)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PAIR_STATS_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                saved = json.load(handle)
+            self.pair_stats = Counter(saved.get("pair_stats", {}))
+            self._offline_cursor = int(saved.get("offline_cursor", 0))
+
+    # ----- vLLM generation -----
+
+    def _build_vllm_generation(self):
+        """TRL's `VLLMGeneration` for the vllm_colocate / vllm_server backends (None for transformers)."""
+        args = self.args
+        if args.generation_backend == "transformers":
+            return None
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        return VLLMGeneration(
+            model=self.model,
+            accelerator=self.accelerator,
+            processing_class=self.processing_class,
+            mode="server" if args.generation_backend == "vllm_server" else "colocate",
+            server_base_url=args.vllm_server_base_url,
+            server_host=args.vllm_server_host,
+            server_port=args.vllm_server_port,
+            group_port=args.vllm_group_port,
+            server_timeout=args.vllm_server_timeout,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=args.vllm_max_model_length,
+            max_num_seqs=args.per_device_train_batch_size * args.num_samples * args.vllm_tensor_parallel_size,
+            enable_sleep_mode=args.vllm_enable_sleep_mode,
+            trust_remote_code=getattr(args, "trust_remote_code", False),
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=0,
+            max_completion_length=args.max_new_tokens,
+            logprobs=0,
+        )
+
     # ----- model card -----
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -366,7 +445,7 @@ class LongContextDPOTrainer(DPOTrainer):
 
     # ----- logging -----
 
-    def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics) -> None:
+    def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics) -> bool:
         metrics = self._metrics["train"]
         stats = torch.tensor(
             [
@@ -378,14 +457,17 @@ class LongContextDPOTrainer(DPOTrainer):
                 sum(1 for r in rewards if r is None),
                 len(rewards),
                 sum(1 for row in rows if row.get("truncated")),
+                reward_metrics.get("long_reward/judge_errors", 0.0),
                 *(sum(1 for s in selections if s.skip_reason == reason) for reason in SKIP_REASONS),
             ],
             dtype=torch.float64,
             device=self.accelerator.device,
         )
         stats = self.accelerator.reduce(stats, reduction="sum")  # every rank calls this once per step
-        prompts, online, offline, chosen, rejected, unscored, scored_total, truncated = stats[:8].tolist()
-        skipped = dict(zip(SKIP_REASONS, stats[8:].tolist(), strict=True))
+        prompts, online, offline, chosen, rejected, unscored, scored_total, truncated, judge_errors = stats[
+            :9
+        ].tolist()
+        skipped = dict(zip(SKIP_REASONS, stats[9:].tolist(), strict=True))
         metrics["pairs/valid_pair_rate"].append(online / prompts)
         metrics["pairs/online"].append(online)
         metrics["pairs/offline"].append(offline)
@@ -401,6 +483,8 @@ class LongContextDPOTrainer(DPOTrainer):
             metrics[name].append(value)
         self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(offline)})
         self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
+        # an outage: no sample of any rank was scored, and the judge failed (errors, not malformed answers)
+        return unscored == scored_total and judge_errors > 0
 
 
 def _describe_reward(func: Callable) -> dict[str, Any]:
