@@ -216,6 +216,20 @@ def test_report_shows_curves_and_judged_pairs_with_reasons_and_escapes_everythin
     assert lines[0]["samples"][0]["trace"]["helpfulness"]["call"]["value"] == 8.0  # full traces, untruncated
 
 
+def test_report_plots_the_held_out_curve_of_the_callback(tmp_path):
+    from trl_longreward.report import write_report
+
+    logs = [
+        {"step": 1, "loss": 0.7, "long_reward/reward/mean": 4.0},
+        {"step": 2, "eval_long_reward/reward": 5.5, "eval_long_reward/helpfulness": 6.0},
+        {"step": 4, "eval_long_reward/reward": 6.25, "eval_long_reward/helpfulness": 7.0},
+    ]
+    page = write_report(tmp_path, logs, [], title="t").read_text()
+    without = write_report(tmp_path / "plain", logs[:1], [], title="t").read_text()
+    assert "Held-out prompts (LongRewardCallback)" in page and "Held-out prompts" not in without
+    assert page.count("<svg") == without.count("<svg") + 1  # the held-out curve is drawn
+
+
 def test_report_clips_long_texts_and_handles_a_run_without_samples(tmp_path):
     from trl_longreward.report import write_report
 
