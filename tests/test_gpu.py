@@ -1,0 +1,67 @@
+"""On a CUDA GPU: online LongReward DPO end to end in bf16 (prompt-once rows padded for the GPU kernels, shared
+prefill), judged over real HTTP. Skipped without a GPU (CI has none); run on a GPU machine with `pytest -m gpu`."""
+
+import pytest
+import torch
+from datasets import Dataset
+from known_answers import CONTEXT, QUESTION
+from tiny_models import tiny_llama
+
+from trl_longreward import LongContextDPOConfig, LongContextDPOTrainer, LongRewardFunction, OpenAIJudge
+from trl_longreward.testing.openai_server import ScriptedOpenAIServer
+from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_online_dpo_on_gpu_bf16_prompt_once(tmp_path):
+    model_path = tiny_llama(tmp_path / "model", hidden_size=128)
+    judge = ScriptedLongRewardJudge(helpfulness=lambda question, response: float(len(response) % 11))
+    with ScriptedOpenAIServer(judge) as server:
+        reward = LongRewardFunction(
+            judge=OpenAIJudge("scripted-judge", server.base_url, max_retries=0),
+            retriever="bm25",
+            chunk_tokenizer="regex",
+            cache_path=str(tmp_path / "cache.sqlite"),
+        )
+        args = LongContextDPOConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=2,
+            max_steps=3,
+            num_samples=4,
+            max_new_tokens=24,
+            max_prompt_length=512,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            bf16=True,
+            learning_rate=1e-2,
+            model_init_kwargs={"attn_implementation": "sdpa", "dtype": torch.bfloat16},
+        )
+        rows = [{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(6)]
+        trainer = LongContextDPOTrainer(
+            model=model_path, args=args, train_dataset=Dataset.from_list(rows), reward_funcs=[reward]
+        )
+        shapes = []
+        forward = trainer.model.forward
+
+        def spy(*a, **kwargs):  # runs after the packing hook: sees what the model really computes
+            if kwargs.get("fused_lm_head"):
+                shapes.append((tuple(kwargs["input_ids"].shape), kwargs["attention_mask"].dim()))
+            return forward(*a, **kwargs)
+
+        trainer.model.forward = spy
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        trainer.model.forward = forward
+    assert next(trainer.model.parameters()).is_cuda
+    assert not trainer._prompt_once_warned  # every step ran packed
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3 and all(log["pairs/online"] > 0 for log in logs)
+    # one packed row per pair, a 4-D branch mask, lengths padded to a multiple of 64 for the GPU kernels
+    assert shapes and all(dims == 4 and length % 64 == 0 for (_, length), dims in shapes)
