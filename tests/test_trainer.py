@@ -67,7 +67,10 @@ def _reward(server, tmp_path, **overrides):
 def _trainer(model_path, tmp_path, server, **config):
     dataset = config.pop("train_dataset", None) or _dataset()
     return LongContextDPOTrainer(
-        model=model_path, args=_config(tmp_path, **config), train_dataset=dataset, reward_funcs=[_reward(server, tmp_path)]
+        model=model_path,
+        args=_config(tmp_path, **config),
+        train_dataset=dataset,
+        reward_funcs=[_reward(server, tmp_path)],
     )
 
 
@@ -101,7 +104,9 @@ def test_prompts_are_cut_in_the_middle_of_the_document_never_dropped(model_path)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     long_context = "HEAD sentence opens the report. " + "Filler about nothing. " * 400 + "TAIL sentence closes it."
-    dataset = Dataset.from_list([{"context": long_context, "question": QUESTION}, {"context": CONTEXT, "question": QUESTION}])
+    dataset = Dataset.from_list(
+        [{"context": long_context, "question": QUESTION}, {"context": CONTEXT, "question": QUESTION}]
+    )
     prepared = prepare_prompt_dataset(dataset, tokenizer, max_prompt_length=128)
     assert len(prepared) == 2  # no row dropped
     cut = prepared[0]
@@ -156,7 +161,9 @@ def test_qlora_4bit_trains_on_cpu(tmp_path, judge_server):
 
 
 @pytest.mark.parametrize(("ratio", "offline_per_online"), [(0.5, 1.0), (0.25, 1 / 3)])
-def test_offline_pairs_are_mixed_at_the_configured_ratio(model_path, tmp_path, judge_server, ratio, offline_per_online):
+def test_offline_pairs_are_mixed_at_the_configured_ratio(
+    model_path, tmp_path, judge_server, ratio, offline_per_online
+):
     offline = Dataset.from_list(
         [{"prompt": f"Short question {i}?", "chosen": " A good answer.", "rejected": " Bad."} for i in range(5)]
     )
@@ -215,6 +222,7 @@ def test_resume_reuses_every_judge_call_and_continues_the_same_way(model_path, t
         ({"generation_backend": "vllm_server"}, "needs vLLM: pip install"),
         ({"generation_backend": "vllm_colocate"}, "needs vLLM: pip install"),
         ({"max_judge_outage_steps": -1}, "max_judge_outage_steps"),
+        ({"num_iterations": 0}, "num_iterations must be >= 1"),
         ({"min_scored_samples": 9}, "min_scored_samples"),
         ({"offline_ratio": 1.0}, "offline_ratio"),
         ({"precompute_ref_log_probs": True}, "generated during training"),
@@ -263,8 +271,9 @@ def test_checkpoint_and_model_card_describe_the_method_and_hold_no_secret(model_
 
 
 def test_gradient_accumulation(model_path, tmp_path, judge_server):
-    trainer = _trainer(model_path, tmp_path, judge_server, max_steps=1, per_device_train_batch_size=1,
-                       gradient_accumulation_steps=2)
+    trainer = _trainer(
+        model_path, tmp_path, judge_server, max_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=2
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert trainer.state.global_step == 1 and trainer.pair_stats["prompts"] == 2  # two micro-batches of one prompt
@@ -302,3 +311,31 @@ def test_vllm_backend_contract(model_path, tmp_path, judge_server):
     assert selection.ok  # completions of different lengths got different rewards: a pair was formed
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(log["pairs/online"] > 0 for log in logs)
+
+
+def test_new_pairs_every_num_iterations_steps(model_path, tmp_path, judge_server, monkeypatch):
+    import trl_longreward.trainer.trainer as trainer_module
+
+    generated = []
+    real = trainer_module.generate_samples
+
+    def counting(trainer, rows):
+        generated.append([tuple(r["prompt_ids"]) for r in rows])
+        return real(trainer, rows)
+
+    monkeypatch.setattr(trainer_module, "generate_samples", counting)
+    trainer = _trainer(model_path, tmp_path, judge_server, max_steps=4, num_iterations=2, train_dataset=_dataset(6))
+    seen = []
+    real_step = type(trainer).training_step
+
+    def recording_step(self, model, inputs, num_items_in_batch=None):
+        seen.append([tuple(r["prompt_ids"]) for r in inputs])
+        return real_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(type(trainer), "training_step", recording_step)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert len(seen) == 4 and seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2]
+    assert generated == [seen[0], seen[2]]  # generated and judged once per batch of prompts, trained on twice
+    assert trainer.pair_stats["prompts"] == 4  # the repeated steps are not counted twice
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())

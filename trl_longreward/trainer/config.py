@@ -39,6 +39,9 @@ class LongContextDPOConfig(DPOConfig):
 
         > Pairs
 
+        num_iterations (`int`, defaults to 1): How often new pairs are generated: each batch of prompts is served
+            `num_iterations` times in a row (TRL's `RepeatSampler`, as GRPO does) and the pairs generated and judged
+            for it the first time are trained on every time. 1 = fresh pairs from the current policy every step.
         min_scored_samples (`int` or `None`): Samples of a prompt that must be scored for a pair; None = half of
             `num_samples`, rounded up, at least 2 (the reference: 5 of 10).
         min_reward_gap (`float`): Minimum chosen-rejected reward difference (the reference had none: 0).
@@ -130,6 +133,14 @@ class LongContextDPOConfig(DPOConfig):
     min_scored_samples: int | None = field(
         default=None, metadata={"help": "Scored samples needed for a pair; default ceil(num_samples / 2), >= 2."}
     )
+    num_iterations: int = field(
+        default=1,
+        metadata={
+            "help": "How often new pairs are generated: every num_iterations steps. Each batch of prompts comes "
+            "num_iterations times in a row and its pairs (generated and judged once) are trained on each time "
+            "(GRPO's mu). 1 = new pairs every step."
+        },
+    )
     min_reward_gap: float = field(default=0.0, metadata={"help": "Minimum chosen-rejected reward gap."})
     tie_policy: Literal["skip", "first_last"] = field(
         default="skip", metadata={"help": "When all scored samples tie: skip (no pair) or first_last."}
@@ -192,6 +203,8 @@ class LongContextDPOConfig(DPOConfig):
                     f"generation_backend={self.generation_backend!r} needs vLLM: pip install 'trl-longreward[vllm]' "
                     "(or use generation_backend='transformers')."
                 )
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1 (1: new pairs every step), got {self.num_iterations}.")
         if self.max_judge_outage_steps < 0:
             raise ValueError("max_judge_outage_steps must be >= 0 (0: never stop).")
         if not 0.0 <= self.offline_ratio < 1.0:

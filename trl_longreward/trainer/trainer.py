@@ -124,6 +124,7 @@ class LongContextDPOTrainer(DPOTrainer):
         self._offline_cursor = 0
         self._prompt_once_warned: set[str] = set()
         self._judge_outage_steps = 0
+        self._pair_buffer: dict[tuple, list] = {}
         self.vllm_generation = self._build_vllm_generation()
         self._vllm_synced_step: int | None = None
         self.pair_stats: Counter = Counter()
@@ -165,34 +166,26 @@ class LongContextDPOTrainer(DPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows: list[dict[str, Any]] = inputs
-        k = self.args.num_samples
         started = time.perf_counter()
-        samples = generate_samples(self, rows)
-        generated = time.perf_counter()
-        rewards, reward_metrics = self._score(rows, samples)
-        judged = time.perf_counter()
-
-        examples, selections = [], []
-        for i, row in enumerate(rows):
-            selection = select_best_worst(
-                rewards[i * k : (i + 1) * k],
-                min_scored=self.args.min_scored_samples,
-                min_gap=self.args.min_reward_gap,
-                ties=self.args.tie_policy,
-            )
-            selections.append(selection)
-            if selection.ok:
-                examples.append(
-                    {
-                        "prompt_ids": row["prompt_ids"],
-                        "chosen_ids": samples[i][selection.chosen]["completion_ids"],
-                        "rejected_ids": samples[i][selection.rejected]["completion_ids"],
-                    }
-                )
+        reused = self._reuse_pairs(rows)
+        if reused is None:
+            samples = generate_samples(self, rows)
+            generated = time.perf_counter()
+            rewards, reward_metrics = self._score(rows, samples)
+            judged = time.perf_counter()
+            online, selections = self._select_pairs(rows, samples, rewards)
+            self._remember_pairs(rows, online, selections, rewards, samples)
+        else:  # the same prompts again (num_iterations > 1): train on the pairs generated for them
+            online, selections, rewards, samples = reused
+            reward_metrics = {}
+            generated = judged = time.perf_counter()
+        examples = list(online)
         num_online = len(examples)
         examples.extend(self._offline_examples(num_online))
         num_offline = len(examples) - num_online
-        outage = self._log_step(rows, selections, num_online, num_offline, rewards, reward_metrics)
+        outage = self._log_step(
+            rows, selections, num_online, num_offline, rewards, reward_metrics, new_pairs=reused is None
+        )
         self._judge_outage_steps = self._judge_outage_steps + 1 if outage else 0
         if self.args.max_judge_outage_steps and self._judge_outage_steps >= self.args.max_judge_outage_steps:
             self._stop_for_judge_outage(model, reward_metrics)
@@ -215,6 +208,64 @@ class LongContextDPOTrainer(DPOTrainer):
         ):
             self._metrics["train"][f"time/{name}_s"].append(seconds)
         return loss
+
+    def _select_pairs(self, rows, samples, rewards):
+        """Best-vs-worst pair of each prompt, from the policy's own tokens; prompts without a pair are skipped."""
+        k = self.args.num_samples
+        examples, selections = [], []
+        for i, row in enumerate(rows):
+            selection = select_best_worst(
+                rewards[i * k : (i + 1) * k],
+                min_scored=self.args.min_scored_samples,
+                min_gap=self.args.min_reward_gap,
+                ties=self.args.tie_policy,
+            )
+            selections.append(selection)
+            if selection.ok:
+                examples.append(
+                    {
+                        "prompt_ids": row["prompt_ids"],
+                        "chosen_ids": samples[i][selection.chosen]["completion_ids"],
+                        "rejected_ids": samples[i][selection.rejected]["completion_ids"],
+                    }
+                )
+        return examples, selections
+
+    @staticmethod
+    def _rows_key(rows) -> tuple:
+        return tuple(tuple(row["prompt_ids"]) for row in rows)
+
+    def _remember_pairs(self, rows, examples, selections, rewards, samples) -> None:
+        if self.args.num_iterations > 1:
+            self._pair_buffer[self._rows_key(rows)] = [1, (examples, selections, rewards, samples)]
+
+    def _reuse_pairs(self, rows):
+        """The pairs generated for exactly these prompts, while they have been used fewer than num_iterations times."""
+        entry = self._pair_buffer.get(self._rows_key(rows)) if self.args.num_iterations > 1 else None
+        if entry is None:
+            return None
+        entry[0] += 1
+        if entry[0] >= self.args.num_iterations:
+            del self._pair_buffer[self._rows_key(rows)]
+        return entry[1]
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With num_iterations > 1, each global batch of prompts comes num_iterations times in a row (TRL's
+        RepeatSampler, as GRPO does), so its pairs are generated once and trained on num_iterations times."""
+        if self.args.num_iterations <= 1:
+            return super()._get_train_sampler(train_dataset)
+        from trl.trainer.utils import RepeatSampler
+
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        args = self.args
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=1,
+            batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            repeat_count=args.num_iterations,
+            shuffle=True,
+            seed=args.seed,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         scale = inputs.pop(_LOSS_SCALE, None)
@@ -445,7 +496,7 @@ class LongContextDPOTrainer(DPOTrainer):
 
     # ----- logging -----
 
-    def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics) -> bool:
+    def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics, new_pairs=True) -> bool:
         metrics = self._metrics["train"]
         stats = torch.tensor(
             [
@@ -481,8 +532,9 @@ class LongContextDPOTrainer(DPOTrainer):
             metrics["rewards/gap_mean"].append((chosen - rejected) / online)
         for name, value in reward_metrics.items():
             metrics[name].append(value)
-        self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(offline)})
-        self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
+        if new_pairs:  # pairs trained on again (num_iterations > 1) are not counted twice
+            self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(offline)})
+            self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
         # an outage: no sample of any rank was scored, and the judge failed (errors, not malformed answers)
         return unscored == scored_total and judge_errors > 0
 
