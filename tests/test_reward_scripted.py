@@ -25,6 +25,9 @@ def test_exact_scores_for_known_answers(make_reward):
     assert evasive.scores == {"helpfulness": 2.0, "logicality": 9.0, "faithfulness": None, "completeness": 0.0}
     assert evasive.status["faithfulness"] == "not_applicable"
     assert evasive.reward == pytest.approx((2 + 9 + 0) / 3)
+    # a dimension that does not apply is not counted as missing (the judge did not fail)
+    assert reward.last_metrics["long_reward/faithfulness/missing_rate"] == 0.0
+    assert reward.last_metrics["long_reward/faithfulness/mean"] == pytest.approx(7.5)  # over the 2 that apply
 
 
 def test_calls_per_response_are_four_plus_statements(make_reward, server):
@@ -168,7 +171,9 @@ def test_logs_per_dimension_metrics_through_log_metric(make_reward):
     for name in ("helpfulness", "logicality", "faithfulness", "completeness", "reward"):
         assert f"long_reward/{name}/mean" in logged
     assert logged["long_reward/helpfulness/mean"] == pytest.approx(5.0)
-    assert logged["long_reward/faithfulness/missing_rate"] == pytest.approx(0.5)
+    # EVASIVE states no fact: its faithfulness does not apply (exclude policy), which is not a judge failure
+    assert logged["long_reward/faithfulness/missing_rate"] == 0.0
+    assert logged["long_reward/faithfulness/not_applicable_rate"] == pytest.approx(0.5)
     assert logged["long_reward/judge_calls"] == 6 + 4 + 1
 
 

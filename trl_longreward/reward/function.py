@@ -15,7 +15,7 @@ from ..judges.base import Judge
 from ..judges.cache import JudgeCallCache
 from .calls import JudgeRunner
 from .config import LongRewardConfig
-from .dimensions import FAILED, OK, SCORERS, DimensionResult, PromptState, ScoringServices
+from .dimensions import FAILED, NOT_APPLICABLE, OK, SCORERS, DimensionResult, PromptState, ScoringServices
 from .inputs import Sample, resolve_samples
 from .retrieval import Retriever, TokenChunker
 
@@ -291,7 +291,12 @@ def batch_metrics(
             mean = sum(present) / len(present)
             metrics[f"long_reward/{name}/mean"] = mean
             metrics[f"long_reward/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in present) / len(present))
-        metrics[f"long_reward/{name}/missing_rate"] = 1 - len(present) / len(values) if values else 0.0
+        # missing = the judge failed; a dimension that does not apply (no factual statement) is not missing
+        applicable = [j for j in judgements if name == "reward" or j.status.get(name) != NOT_APPLICABLE]
+        missing = sum(1 for j in applicable if (j.reward if name == "reward" else j.scores[name]) is None)
+        metrics[f"long_reward/{name}/missing_rate"] = missing / len(values) if values else 0.0
+        if name != "reward" and values:
+            metrics[f"long_reward/{name}/not_applicable_rate"] = 1 - len(applicable) / len(values)
     for key, value in after.items():
         metrics[f"long_reward/{key}"] = float(value - before.get(key, 0))
     return metrics
