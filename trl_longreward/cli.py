@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .rows_io import load_rows, resume_jsonl
+from .rows_io import check_judge_answered, load_rows, resume_jsonl
 
 
 @dataclass
@@ -45,6 +45,41 @@ class ScoreArguments:
     batch_size: int = field(default=16, metadata={"help": "Rows judged together (all their calls in flight)."})
     traces: bool = field(default=True, metadata={"help": "Write the judge traces next to the scores."})
     limit: int | None = field(default=None, metadata={"help": "Judge only the first N rows."})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1 (rows judged together), got {self.batch_size}.")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"--limit must be >= 0 (rows to judge), got {self.limit}.")
+
+
+def check_score_rows(rows: Any, indices: list[int], args: ScoreArguments, config: Any) -> None:
+    """Every row to judge needs a response, a document and a question: check them all before the first judge call,
+    so a bad row fails the run at once, named by its row number in --input (counted from 0)."""
+    from .reward.inputs import message_text, resolve_samples
+
+    columns = set(rows.column_names)
+    for start in range(0, len(indices), 256):  # in slices: never every document in memory at once
+        chunk = indices[start : start + 256]
+        batch = rows.select(chunk)
+        try:
+            responses = batch[args.response_column]
+            for index, response in zip(chunk, responses, strict=True):
+                message_text(response, what=args.response_column, index=index, role="assistant")
+            resolve_samples(
+                batch[args.prompt_column] if args.prompt_column in columns else None,
+                responses,
+                {c: batch[c] for c in (config.context_column, config.question_column) if c in columns},
+                context_column=config.context_column,
+                question_column=config.question_column,
+                separator=config.prompt_separator,
+                row_ids=chunk,
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"--input {args.input}: {err} Fix or drop that row and rerun (rows are counted from 0; rows already "
+                f"in --output are kept)."
+            ) from err
 
 
 def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
@@ -73,6 +108,7 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
         config.cache_path = str(output) + ".judge_cache.sqlite"
     done = resume_jsonl(output)
     todo = [i for i in range(len(rows)) if i not in done]
+    check_score_rows(rows, todo, args, config)
     reward = LongRewardFunction(config)
     try:
         with output.open("a", encoding="utf-8") as sink, tqdm(total=len(rows), initial=len(done), desc="score") as bar:
@@ -81,7 +117,9 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
                 batch = rows.select(indices)
                 kwargs = {c: batch[c] for c in (config.context_column, config.question_column) if c in columns}
                 prompts = batch[args.prompt_column] if args.prompt_column in columns else None
+                before = reward.runner.counters.totals()
                 judgements = reward.score(prompts=prompts, completions=batch[args.response_column], **kwargs)
+                check_judge_answered(reward, before, rows=f"rows {indices[0]}-{indices[-1]} of --input", output=output)
                 for index, judgement in zip(indices, judgements, strict=True):
                     record = {"index": index, **judgement.to_dict()}
                     if not args.traces:

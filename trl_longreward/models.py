@@ -208,3 +208,25 @@ def load_default_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+def check_model_source(name: str | os.PathLike[str], *, option: str) -> None:
+    """Fail early, naming `option`, when `name` is meant as a local model directory but is not one.
+
+    A name that looks like a path (absolute, starting with `.` or `~`, or existing) must be a directory holding a
+    `config.json`; any other name is left to `from_pretrained` as a Hub id. Without this check a missing directory
+    surfaces as the Hub client's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if not (path.is_absolute() or text.startswith((".", "~")) or path.exists()):
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{option}={text!r} does not exist or is not a directory: give the directory of a saved model (with "
+            "config.json, as written by save_pretrained) or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{option}={text!r} has no config.json, so it is not a saved transformers model: point it at the "
+            "directory that save_pretrained wrote."
+        )

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from .reward import LongRewardConfig
 from .reward.inputs import message_text
-from .rows_io import load_rows, resume_jsonl
+from .rows_io import check_judge_answered, load_rows, resume_jsonl
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_DIR = "pairs"
@@ -211,6 +211,9 @@ def load_policy(args: BuildPairsArguments) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .models import check_model_source
+
+    check_model_source(args.model, option="--model")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -296,7 +299,9 @@ def _sample_and_judge(
                 samples = _generate_group(model, tokenizer, [p["prompt_ids"] for p in prompts], args, group[0])
                 # Prompts of the group that are already done were regenerated only to keep the seed's stream.
                 todo_here = [(i, prompts[j], samples[j]) for j, i in enumerate(group) if i in wanted]
+                before = reward.runner.counters.totals()
                 records = _judge_group(reward, config, args, tokenizer, rows, todo_here)
+                check_judge_answered(reward, before, rows=f"prompts {group[0]}-{group[-1]}", output=samples_path)
                 for record in records:
                     record["seed"] = args.seed + group[0]
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,4 +1,5 @@
-"""Reading row files and resuming append-only JSONL outputs (shared by the command-line tools)."""
+"""Reading row files, resuming append-only JSONL outputs, and refusing to record batches the judge never answered
+(shared by the command-line tools)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ def load_rows(path: str) -> Any:
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
     if builder is None:
         raise ValueError(f"--input {path!r}: use a .jsonl, .json, .parquet or .csv file, or a datasets directory.")
+    if builder != "parquet" and _is_blank(source):
+        # datasets would fail with a bare StopIteration on a file without a single row.
+        raise ValueError(f"--input {path!r} is empty: it holds no rows.")
     return datasets.load_dataset(builder, data_files=str(source), split="train")
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a text file holds nothing but whitespace (read until the first other byte)."""
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 16):
+            if block.strip():
+                return False
+    return True
 
 
 def resume_jsonl(output: Path) -> set[int]:
@@ -43,3 +56,32 @@ def resume_jsonl(output: Path) -> set[int]:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, output)
     return done
+
+
+def _first_judge_error(value: Any) -> str | None:
+    """The first `judge_error: ...` text in a (nested) judgement trace."""
+    if isinstance(value, str):
+        return value.removeprefix("judge_error: ") if value.startswith("judge_error: ") else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        found = _first_judge_error(item)
+        if found is not None:
+            return found
+    return None
+
+
+def check_judge_answered(reward: Any, before: dict[str, int], *, rows: str, output: Path) -> None:
+    """Refuse to record a batch of which the judge answered no call at all (server down, wrong URL, not an
+    OpenAI-compatible API): its rows would be written as unscored, and a rerun would skip them. `before` is
+    `reward.runner.counters.totals()` taken before the batch; raises `RuntimeError` with the judge's first error."""
+    after = reward.runner.counters.totals()
+    sent = after["judge_calls"] - before["judge_calls"]
+    failed = after["judge_errors"] - before["judge_errors"]
+    if sent == 0 or failed < sent:
+        return
+    error = _first_judge_error([j.trace for j in reward.last_judgements]) or "(no error text)"
+    raise RuntimeError(
+        f"The judge answered none of the {sent} judge calls for {rows}, so nothing was written for them. First "
+        f"error: {error} Fix the judge (is its server running? is --judge_base_url right?) and rerun the same "
+        f"command: what {output} already holds is kept and not judged again."
+    )

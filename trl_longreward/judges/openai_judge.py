@@ -42,7 +42,9 @@ class OpenAIJudge(Judge):
         endpoint_cooldown: seconds a failed endpoint stays out of rotation before it is probed again.
 
     Transport failures (429 honouring `Retry-After`, 5xx, timeouts, dropped connections) are retried by the client
-    itself with exponential backoff, `max_retries` times. An endpoint whose call still fails with a connection error,
+    itself with exponential backoff; a 200 whose body is not JSON is retried here. Both draw on one budget of
+    `max_retries` retries per call and endpoint, so one call sends at most `1 + max_retries` requests to an endpoint.
+    An endpoint whose call still fails with a connection error,
     a timeout, a 5xx or malformed bodies is taken out of rotation for `endpoint_cooldown` seconds and the call is tried
     on another endpoint (at most once per endpoint); after the cool-down one call at a time probes it (without client
     retries, so a dead replica costs the probing call little), and the first success puts it back. When every
@@ -73,6 +75,10 @@ class OpenAIJudge(Judge):
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}.")
         if endpoint_cooldown < 0:
             raise ValueError(f"endpoint_cooldown must be >= 0 seconds, got {endpoint_cooldown}.")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0 (0 = no retry), got {max_retries}.")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}.")
         self.model_id = model
         self.api_key_env = api_key_env
         self.max_concurrency = max_concurrency
@@ -158,39 +164,57 @@ class OpenAIJudge(Judge):
                 return JudgeError(errors[-1])
 
     async def _attempt(self, dispatch: Dispatch, request: ChatRequest) -> _Attempt:
-        """One call on one endpoint, with the client's retries (none for a probe)."""
+        """One call on one endpoint, with at most `max_retries` retries in all (none for a probe)."""
         import openai
 
         client = dispatch.endpoint.client
         retries = 0 if dispatch.probe else self.max_retries
-        if dispatch.probe:
-            client = client.with_options(max_retries=0)
         url = redact_url(dispatch.endpoint.url)
+        used = 0  # retries spent so far, by the client (transport errors) and here (malformed bodies)
         try:
-            for retry in range(retries + 1):
+            while True:
+                # The client's own retries get whatever is left of the budget.
+                sender = (
+                    client
+                    if used == 0 and retries == self.max_retries
+                    else client.with_options(max_retries=retries - used)
+                )
+                raw = await sender.chat.completions.with_raw_response.create(
+                    model=self.model_id,
+                    messages=list(request.messages),
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    max_tokens=request.max_tokens,
+                    extra_body=self.extra_body,
+                )
+                used += raw.retries_taken
                 try:
-                    completion = await client.chat.completions.create(
-                        model=self.model_id,
-                        messages=list(request.messages),
-                        temperature=request.temperature,
-                        top_p=request.top_p,
-                        max_tokens=request.max_tokens,
-                        extra_body=self.extra_body,
-                    )
+                    completion = raw.parse()
                     break
                 except ValueError as err:
                     # A 200 whose body is not JSON (a broken proxy): the client does not retry it, so we do.
-                    if retry < retries:
-                        await asyncio.sleep(min(0.5 * 2**retry, 8.0))
+                    if used < retries:
+                        await asyncio.sleep(min(0.5 * 2**used, 8.0))
+                        used += 1
                         continue
                     return _Attempt(
                         error=f"Judge at {url} kept answering malformed bodies: {err!r}", healthy=False, failover=True
                     )
         except openai.AuthenticationError as err:
             return _Attempt(error=f"Judge at {url} rejected the API key from ${self.api_key_env}: {err}")
+        except openai.NotFoundError as err:
+            # A wrong base URL (a web server that is not the API, or a path without /v1) or a model it does not serve.
+            return _Attempt(
+                error=f"Judge at {url} answered 404 Not Found ({err.message}): check that judge_base_url is the root "
+                "of an OpenAI-compatible API (usually ending in /v1, e.g. http://127.0.0.1:8000/v1) and that it "
+                f"serves judge_model {self.model_id!r}."
+            )
         except (openai.APIConnectionError, openai.InternalServerError) as err:
             # Unreachable, timed out or 5xx after the client's retries: this replica is unwell, try another.
-            message = f"Judge call to {url} failed after {retries} retries: {err!r}"
+            cause = f" ({err.__cause__!r})" if isinstance(err, openai.APIConnectionError) and err.__cause__ else ""
+            refused = type(err.__cause__).__name__ == "ConnectError"
+            hint = " Is the judge server running at that address?" if refused else ""
+            message = f"Judge call to {url} failed after {retries} retries: {err!r}{cause}.{hint}"
             return _Attempt(error=message, healthy=False, failover=True)
         except openai.RateLimitError as err:
             # Busy, not broken: another replica may have room, but this one stays in rotation.

@@ -50,12 +50,13 @@ class TransformersJudge(BatchingJudge):
         super().__init__(max_batch_size=max_batch_size)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from trl_longreward.models import DEFAULT_MODEL_NAME, default_model_path
+        from trl_longreward.models import DEFAULT_MODEL_NAME, check_model_source, default_model_path
 
         model_id: str | None = None
         if model is None:
             model, model_id = default_model_path(), DEFAULT_MODEL_NAME
         if isinstance(model, str | Path):
+            check_model_source(model, option="judge_model")
             target = torch.device(device) if device is not None else _auto_device()
             if dtype is None:
                 dtype = torch.float32 if target.type == "cpu" else "auto"  # type: ignore[assignment]

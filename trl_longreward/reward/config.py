@@ -199,6 +199,15 @@ class LongRewardConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.judge_endpoint_cooldown < 0:
             raise ValueError(f"judge_endpoint_cooldown must be >= 0 seconds, got {self.judge_endpoint_cooldown}.")
+        if self.judge_max_retries < 0:
+            raise ValueError(f"judge_max_retries must be >= 0 (0 = no retry), got {self.judge_max_retries}.")
+        if not self.judge_timeout > 0:
+            raise ValueError(f"judge_timeout must be > 0 seconds, got {self.judge_timeout}.")
+        for name in ("first_temperature", "retry_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_statements is not None and self.max_statements < 1:
+            raise ValueError(f"max_statements must be >= 1, or None for no cap; got {self.max_statements}.")
         parse_base_urls(self.judge_base_url, name="judge_base_url")  # a malformed URL fails here, not mid-training
         if self.judge_backend not in ("openai", "transformers", "vllm"):
             raise ValueError(f"judge_backend={self.judge_backend!r}: use openai, transformers or vllm.")

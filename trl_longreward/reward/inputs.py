@@ -75,8 +75,11 @@ def resolve_samples(
     context_column: str,
     question_column: str,
     separator: str,
+    row_ids: Sequence[int] | None = None,
 ) -> list[Sample]:
-    """Build one `Sample` per completion, with errors that name the column and the fix."""
+    """Build one `Sample` per completion, with errors that name the column and the fix.
+
+    `row_ids`: the number an error gives each row (e.g. its line in an input file); default its position."""
     size = len(completions)
     if prompts is not None and len(prompts) != size:
         raise ValueError(f"Got {len(prompts)} prompts for {size} completions: pass one prompt per completion.")
@@ -86,27 +89,30 @@ def resolve_samples(
         raise ValueError(f"No prompts and no {context_column!r} column: the reward needs the document.")
     samples = []
     for i in range(size):
-        response = message_text(completions[i], what="completions", index=i, role="assistant")
-        question = None if questions is None else _as_text(questions[i], question_column, i)
+        row = i if row_ids is None else row_ids[i]
+        response = message_text(completions[i], what="completions", index=row, role="assistant")
+        question = None if questions is None else _as_text(questions[i], question_column, row)
         if contexts is not None:
-            context = _as_text(contexts[i], context_column, i)
+            context = _as_text(contexts[i], context_column, row)
             if question is None:
                 if prompts is None:
                     raise ValueError(f"No {question_column!r} column and no prompts: the reward needs the question.")
-                question = message_text(prompts[i], what="prompts", index=i, role="user")
+                question = message_text(prompts[i], what="prompts", index=row, role="user")
                 # A prompt that embeds the document is split; a bare question is taken whole.
                 if context.strip() and context.strip() in question:
                     question = question.split(context.strip(), 1)[1].strip() or question
         else:
-            prompt = message_text(prompts[i], what="prompts", index=i, role="user")
-            context, question = split_prompt(prompt, question=question, separator=separator, index=i)
+            prompt = message_text(prompts[i], what="prompts", index=row, role="user")
+            context, question = split_prompt(prompt, question=question, separator=separator, index=row)
         if not context.strip():
             raise ValueError(
-                f"Row {i}: the context is empty. LongReward judges answers about a document; give the document in "
+                f"Row {row}: the context is empty. LongReward judges answers about a document; give the document in "
                 f"the {context_column!r} column or in the prompt."
             )
         if not question.strip():
-            raise ValueError(f"Row {i}: the question is empty (column {question_column!r} or the end of the prompt).")
+            raise ValueError(
+                f"Row {row}: the question is empty (column {question_column!r} or the end of the prompt)."
+            )
         samples.append(Sample(context=context, question=question.strip(), response=response))
     return samples
 

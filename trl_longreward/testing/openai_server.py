@@ -3,8 +3,13 @@
 `ScriptedOpenAIServer` answers `POST /v1/chat/completions` with text from a Python callable (the *responder*), in
 exactly the JSON shape OpenAI's API uses, so code under test can talk to it through the real `openai` client. It can
 also simulate what makes a remote judge hard to use: latency, a rate limiter (`max_concurrency` -> 429), seeded
-random faults (5xx, 429, hangs, dropped connections, broken JSON, answers without a verdict) and full outages
-(`set_down`). Counters (`requests`, `max_in_flight`, `num_rejected`, `num_faults`) let tests assert what happened.
+random faults (5xx, 429 with `Retry-After`, hangs, dropped connections, bodies cut short, broken JSON, answers without
+a verdict), a context window (`max_context_tokens` / `max_context_chars` -> 400) and full outages (`set_down`).
+Counters (`requests`, `request_log`, `max_in_flight`, `max_in_flight_by_client`, `num_rejected`, `num_faults`,
+`num_answered`) let tests assert what happened.
+
+Clients can be told apart: a path prefix names the client (`http://HOST:PORT/NAME/v1` is the same API as
+`http://HOST:PORT/v1`, its requests counted under NAME), else the request's `user` field does.
 
 Run it as a separate process for benchmarks::
 
@@ -19,6 +24,7 @@ import argparse
 import base64
 import json
 import random
+import re
 import signal
 import socket
 import struct
@@ -37,12 +43,25 @@ Responder = Callable[[list[dict], dict], str]
 Embedder = Callable[[list[str]], list[list[float]]]
 """A batch of texts -> one vector each."""
 
-FAULT_KINDS: tuple[str, ...] = ("500", "502", "503", "429", "timeout", "disconnect", "malformed", "no_verdict")
+FAULT_KINDS: tuple[str, ...] = (
+    "500",
+    "502",
+    "503",
+    "429",
+    "timeout",
+    "disconnect",
+    "truncated",
+    "malformed",
+    "no_verdict",
+)
 NO_VERDICT_TEXT = "I am not sure."
 
 # What a handler hits when the client went away first (broken pipe, reset, a socket shut by stop()), e.g. after the
 # client's own timeout; nothing to report then. All are OSError subclasses.
 _CLIENT_GONE = OSError
+
+# `/NAME/v1/...`: the same API, with the client named in the path (see the module docstring).
+_CLIENT_PREFIX = re.compile(r"^/([A-Za-z0-9_.-]+)(/v1/.*)$")
 
 
 def _count_tokens(text: str) -> int:
@@ -142,8 +161,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routing ----------------------------------------------------------------------------------------------
 
+    client_name: str | None = None
+
     def _path(self) -> str:
-        return self.path.split("?", 1)[0].rstrip("/")
+        """The request path without query and trailing slash; a client-name prefix is stored and removed."""
+        path = self.path.split("?", 1)[0].rstrip("/")
+        self.client_name = None
+        match = _CLIENT_PREFIX.match(path)
+        if match is not None and match.group(1) != "v1":
+            self.client_name, path = match.group(1), match.group(2)
+        return path
 
     def do_GET(self) -> None:
         self.server.owner._handle_get(self, self._path())
@@ -165,15 +192,25 @@ class ScriptedOpenAIServer:
         latency_s: time each admitted chat request takes at least (simulated judge latency); the responder's own
             time counts toward it.
         max_concurrency: if set, a chat request arriving while this many are being handled is answered 429 with
-            `Retry-After: 0` (a rate limiter) and counted in `num_rejected`.
+            `Retry-After: retry_after_s` (a rate limiter) and counted in `num_rejected`.
         fault_rate: probability that an admitted chat request gets a fault instead of a normal answer.
-        faults: fault kinds drawn uniformly when a fault fires; any of `FAULT_KINDS`.
+        faults: fault kinds drawn uniformly when a fault fires; any of `FAULT_KINDS`: "500"/"502"/"503" (that status),
+            "429" (rate limited, with `Retry-After`), "timeout" (stall `timeout_sleep_s`, then answer normally),
+            "disconnect" (close the connection without a response), "truncated" (headers and half the body, then
+            close), "malformed" (200 with a broken JSON body), "no_verdict" (200 with `NO_VERDICT_TEXT`).
         seed: seed of the fault draws, so a run's fault sequence is reproducible for a given arrival order.
         embedder: serves `POST /v1/embeddings` when given (404 otherwise).
         timeout_sleep_s: how long a "timeout" fault stalls before answering normally.
+        retry_after_s: the `Retry-After` header (seconds) of every 429, injected or from the rate limiter.
+        max_context_tokens: the judge's context window: a chat request whose messages (in whitespace-separated
+            words) plus its `max_tokens` exceed it is answered 400 `context_length_exceeded`, as vLLM does.
+        max_context_chars: the same limit in characters of the messages (for text without spaces, e.g. CJK).
 
-    Every chat request body received is appended to `requests` (including those answered with a fault, a 429 or a
-    503), so `num_chat_requests` counts what actually reached the judge, retries included.
+    Every chat request body received is appended to `requests` (including those answered with a fault, a 429, a 400
+    or a 503), so `num_chat_requests` counts what actually reached the judge, retries included; `request_log` holds,
+    in the same order, each request's client name, API key, arrival time (`time.monotonic()`) and outcome
+    ("answered", a fault kind, "rejected", "down", "too_long" or "error"). A request counts as in flight from its arrival until the server starts writing
+    its answer, so `max_in_flight` never exceeds what the clients had in flight.
     """
 
     def __init__(
@@ -190,6 +227,9 @@ class ScriptedOpenAIServer:
         seed: int = 0,
         embedder: Embedder | None = None,
         timeout_sleep_s: float = 5.0,
+        retry_after_s: float = 0.0,
+        max_context_tokens: int | None = None,
+        max_context_chars: int | None = None,
     ) -> None:
         unknown = [kind for kind in faults if kind not in FAULT_KINDS]
         if unknown:
@@ -200,6 +240,11 @@ class ScriptedOpenAIServer:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
         if max_concurrency is not None and max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {retry_after_s}")
+        for name, limit in (("max_context_tokens", max_context_tokens), ("max_context_chars", max_context_chars)):
+            if limit is not None and limit < 1:
+                raise ValueError(f"{name} must be >= 1, got {limit}")
         self.responder = responder
         self.model = model
         self.host = host
@@ -210,11 +255,17 @@ class ScriptedOpenAIServer:
         self.faults = tuple(faults)
         self.embedder = embedder
         self.timeout_sleep_s = timeout_sleep_s
+        self.retry_after_s = retry_after_s
+        self.max_context_tokens = max_context_tokens
+        self.max_context_chars = max_context_chars
 
         self.requests: list[dict] = []
+        self.request_log: list[dict[str, Any]] = []
         self.max_in_flight = 0
+        self.max_in_flight_by_client: dict[str, int] = {}
         self.num_rejected = 0
         self.num_faults: dict[str, int] = dict.fromkeys(self.faults, 0)
+        self._in_flight_by_client: dict[str, int] = {}
 
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -288,11 +339,28 @@ class ScriptedOpenAIServer:
         with self._lock:
             return len(self.requests)
 
+    @property
+    def num_answered(self) -> int:
+        """How many chat requests got a normal answer from the responder (no fault, no error)."""
+        with self._lock:
+            return sum(1 for entry in self.request_log if entry["outcome"] == "answered")
+
+    def clients_seen(self) -> set[str]:
+        """Names of the clients that sent at least one chat request (see the module docstring)."""
+        with self._lock:
+            return {entry["client"] for entry in self.request_log}
+
+    @property
+    def retry_after_header(self) -> dict[str, str]:
+        return {"Retry-After": f"{self.retry_after_s:g}"}
+
     def reset_counters(self) -> None:
         """Forget logged requests and zero every counter (the fault RNG keeps its state)."""
         with self._lock:
             self.requests.clear()
+            self.request_log.clear()
             self.max_in_flight = 0
+            self.max_in_flight_by_client.clear()
             self.num_rejected = 0
             self.num_faults = dict.fromkeys(self.faults, 0)
 
@@ -347,61 +415,138 @@ class ScriptedOpenAIServer:
         else:
             self._handle_embeddings(handler, body)
 
+    def _too_long(self, body: dict) -> str | None:
+        """Why the request does not fit the context window (None when it does), worded as vLLM words it."""
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        texts = [_content_text(m.get("content")) for m in messages]
+        if self.max_context_tokens is not None:
+            prompt_tokens = sum(_count_tokens(text) for text in texts)
+            completion_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+            if prompt_tokens + completion_tokens > self.max_context_tokens:
+                return (
+                    f"This model's maximum context length is {self.max_context_tokens} tokens. However, you requested "
+                    f"{prompt_tokens + completion_tokens} tokens ({prompt_tokens} in the messages, {completion_tokens} "
+                    "in the completion). Please reduce the length of the messages or completion."
+                )
+        if self.max_context_chars is not None:
+            chars = sum(len(text) for text in texts)
+            if chars > self.max_context_chars:
+                return (
+                    f"This model's maximum context length is {self.max_context_chars} characters. However, your "
+                    f"messages have {chars} characters. Please reduce the length of the messages."
+                )
+        return None
+
     def _handle_chat(self, handler: _Handler, body: dict) -> None:
         # Log, check outage, admit and draw a fault under one lock so the counters and the fault sequence follow
         # the order requests arrived in.
+        client = handler.client_name or (body.get("user") if isinstance(body.get("user"), str) else None) or ""
+        auth = handler.headers.get("Authorization") or ""
+        entry: dict[str, Any] = {
+            "client": client,
+            "api_key": auth.removeprefix("Bearer "),
+            "arrived": time.monotonic(),
+            "outcome": "pending",
+        }
+        too_long = self._too_long(body)
         down = admitted = False
         fault: str | None = None
         with self._lock:
             self.requests.append(body)
+            self.request_log.append(entry)
             if self._down:
                 down = True
+                entry["outcome"] = "down"
+            elif too_long is not None:
+                entry["outcome"] = "too_long"
             elif self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
                 self.num_rejected += 1
+                entry["outcome"] = "rejected"
             else:
                 admitted = True
                 self._in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self._in_flight)
+                mine = self._in_flight_by_client[client] = self._in_flight_by_client.get(client, 0) + 1
+                self.max_in_flight_by_client[client] = max(self.max_in_flight_by_client.get(client, 0), mine)
                 if self.fault_rate > 0 and self._rng.random() < self.fault_rate:
                     fault = self._rng.choice(self.faults)
                     self.num_faults[fault] = self.num_faults.get(fault, 0) + 1
         if down:
             self._answer_down(handler)
             return
-        if not admitted:
-            handler.send_error_json(429, "Too many concurrent requests.", "rate_limit_error", {"Retry-After": "0"})
+        if too_long is not None:
+            handler.send_json(400, _error_body(too_long, "invalid_request_error", code="context_length_exceeded"))
             return
-        try:
-            self._answer_chat(handler, body, fault, time.monotonic() + self.latency_s)
-        finally:
+        if not admitted:
+            handler.send_error_json(429, "Too many concurrent requests.", "rate_limit_error", self.retry_after_header)
+            return
+        released = False
+
+        def release(outcome: str) -> None:
+            # Called just before the answer is written: once a client can see the answer, it may send its next
+            # request, which must not find this one still counted.
+            nonlocal released
+            if released:
+                return
+            released = True
             with self._lock:
                 self._in_flight -= 1
+                self._in_flight_by_client[client] -= 1
+                entry["outcome"] = outcome
+
+        try:
+            self._answer_chat(handler, body, fault, time.monotonic() + self.latency_s, release)
+        finally:
+            release("error")
 
     def _wait_until(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining > 0:
             self._stopping.wait(remaining)
 
-    def _answer_chat(self, handler: _Handler, body: dict, fault: str | None, deadline: float) -> None:
+    def _answer_chat(
+        self, handler: _Handler, body: dict, fault: str | None, deadline: float, release: Callable[[str], None]
+    ) -> None:
         """Answer after `deadline` (arrival + latency): the responder's own time counts toward the latency, so a
-        slow responder does not stretch it, as a real judge's latency includes its compute."""
+        slow responder does not stretch it, as a real judge's latency includes its compute. `release(outcome)` is
+        called right before the answer is written."""
         if fault not in (None, "no_verdict"):
             self._wait_until(deadline)
         if fault in ("500", "502", "503"):
+            release(fault)
             handler.send_error_json(int(fault), f"Injected fault {fault}.", "server_error")
             return
         if fault == "429":
-            handler.send_error_json(429, "Injected rate limit.", "rate_limit_error", {"Retry-After": "0"})
+            release(fault)
+            handler.send_error_json(429, "Injected rate limit.", "rate_limit_error", self.retry_after_header)
             return
         if fault == "disconnect":
             # Close the socket with no response at all: the client sees the connection drop mid-request.
+            release(fault)
             handler.close_connection = True
             try:
                 handler.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             return
+        if fault == "truncated":
+            # Announce a full body, send half of it and close: the client sees the connection cut mid-response.
+            release(fault)
+            payload = json.dumps(self._completion(body.get("messages") or [], "[[5]]")).encode("utf-8")
+            handler.close_connection = True
+            try:
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/json")
+                handler.send_header("Content-Length", str(len(payload)))
+                handler.end_headers()
+                handler.wfile.write(payload[: len(payload) // 2])
+                handler.wfile.flush()
+                handler.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
         if fault == "malformed":
+            release(fault)
             handler.send_raw(200, b'{"id": "chatcmpl-broken", "choices": [', "application/json")
             return
         if fault == "timeout":
@@ -415,10 +560,12 @@ class ScriptedOpenAIServer:
                 text = self.responder(messages, body)
             except Exception as err:  # any responder failure becomes a server error, as with a real judge
                 self._wait_until(deadline)
+                release("error")
                 handler.send_error_json(500, f"Responder failed: {type(err).__name__}: {err}", "server_error")
                 return
         completion = self._completion(messages, text)
         self._wait_until(deadline)
+        release(fault or "answered")
         handler.send_json(200, completion)
 
     def _completion(self, messages: list[dict], text: str) -> dict[str, Any]:

@@ -32,7 +32,10 @@ TASK_MARKERS = {
     "completeness_score": "how complete the response is",
     "reference_rating": "rate the assistant's answer against the reference answer",
 }
-_SENTENCE = re.compile(r"[^.!?]*[^.!?\s][^.!?]*\.")
+# A run between sentence ends that ends in "."; runs without a visible character are dropped in `sentences`. (The
+# one-pattern form, [^.!?]*[^.!?\s][^.!?]*\., backtracks cubically over long runs without a ".", e.g. CJK text.)
+_SENTENCE = re.compile(r"[^.!?]*\.")
+_VISIBLE = re.compile(r"[^.!?\s]")
 
 
 def detect_task(prompt: str) -> str:
@@ -55,7 +58,7 @@ def words(text: str, min_len: int) -> set[str]:
 
 
 def sentences(text: str) -> list[str]:
-    return [" ".join(s.split()) for s in _SENTENCE.findall(text) if s.strip()]
+    return [" ".join(s.split()) for s in _SENTENCE.findall(text) if _VISIBLE.search(s)]
 
 
 def rule_helpfulness(question: str, response: str) -> float:
