@@ -233,6 +233,11 @@ def test_bad_config_fails_at_construction(tmp_path, overrides, message):
         _config(tmp_path, **overrides)
 
 
+def test_a_missing_model_directory_is_named(tmp_path, judge_server):
+    with pytest.raises(FileNotFoundError, match="model='.*no-such-model' does not exist"):
+        _trainer(str(tmp_path / "no-such-model"), tmp_path, judge_server)
+
+
 def test_bad_data_fails_with_the_column_names(model_path, tmp_path, judge_server):
     with pytest.raises(ValueError, match="'context' and 'question' columns"):
         _trainer(model_path, tmp_path, judge_server, train_dataset=Dataset.from_list([{"text": "x"}]))

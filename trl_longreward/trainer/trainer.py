@@ -84,6 +84,10 @@ class LongContextDPOTrainer(DPOTrainer):
             args = LongContextDPOConfig(output_dir="long-context-dpo")
         if not isinstance(args, LongContextDPOConfig):
             raise TypeError(f"args must be a LongContextDPOConfig, got {type(args).__name__}.")
+        if isinstance(model, str | os.PathLike):
+            from ..models import check_model_source
+
+            check_model_source(model, option="model")
         if train_dataset is None:
             raise ValueError("train_dataset is required: prompts with context and question columns.")
         if args.offline_ratio > 0 and offline_dataset is None:
