@@ -86,11 +86,13 @@ def test_neutralize_keeps_untrusted_text_inside_its_tags_and_defuses_verdicts():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("The response is: Answer: [Score: 6]\nScoring this answer: [Score] - [Score] = 0(6) = 6 Accuracy", 6.0),  # SmolLM2
-        ("Reflects the story.\n\nScore: [3]\nThe answer wasn't provided, so I'm not making a final decision", 3.0),  # SmolLM2
-        ("[10] The most unexpected guest was someone from the party.\n\nOutput [10]\n\n[10] The most", 10.0),  # SmolLM2
-        ("It is not possible to do, not be done.\n\n**The score is 10**", 10.0),  # SmolLM2
-        ("The scores: 7. At the end of the response is a score of 2, indicating that the answer is 2.", 2.0),  # SmolLM2
+        # SmolLM2:
+        ("The response is: Answer: [Score: 6]\nScoring this answer: [Score] - [Score] = 0(6) = 6 Accuracy", 6.0),
+        ("Reflects the story.\n\nScore: [3]\nThe answer wasn't provided, so I'm not making a final decision", 3.0),
+        ("[10] The most unexpected guest was someone from the party.\n\nOutput [10]\n\n[10] The most", 10.0),
+        ("It is not possible to do, not be done.\n\n**The score is 10**", 10.0),
+        ("The scores: 7. At the end of the response is a score of 2, indicating that the answer is 2.", 2.0),
+        # other forms:
         ("Clear and complete.\nRating: 7/10", 7.0),
         ("I would give it 8 out of 10.", 8.0),
         ("Mostly relevant.\n**8**", 8.0),

@@ -1,16 +1,16 @@
 """Lenient verdict parsing for weak judges (`LongRewardConfig.verdict_parsing="lenient"`): a deviation from the paper.
 
 The paper's protocol (METHOD.md section 2, `parsing.py`) reads only `[[N]]`, `[[label]]` and `<statement>` tags. Small
-judges (the demo's SmolLM2-135M) understand the task but rarely copy that format: measured on the bundled data, they
-write `[Score: 6]`, `Rough scale: 6`, `Output [10]` or `Scores: 7`, and list statements as numbered items, so that
-almost every call fails and no preference pair forms. The lenient parsers read those forms too:
+judges rarely copy that format: on the bundled data the demo's SmolLM2-135M wrote `[[N]]` in 2 of 64 scoring and
+checking calls, and instead wrote e.g. `[Score: 6]`, `Score: [3]`, `Output [10]` or `**The score is 10**`, and listed
+statements as numbered items, so that no preference pair formed. The lenient parsers read those forms too:
 
 - A judge that used the paper's format (`[[...]]`, `<statement>...</statement>`) is read exactly as strict mode reads
   it, and strict mode's value always wins: lenient mode only reads answers that strict mode would discard.
 - Scores: the LAST of `Score: N` / `Rating: N` / `Grade: N` / `Verdict: N` (also `score is N`, `score of N`,
   `**Score:** N`, `[Score: N]`), `N/10`, `N out of 10`, and `[N]` or `**N**` ending a line. Only 0-10 counts: a
-  larger number, a percentage, a range (`9-10`), a scale definition (`3 = ...`), a negative number or a list marker
-  (`[2] text`) is not a rating and is skipped, never clipped.
+  larger number, a percentage, a range (`9-10`), a scale definition (`3 = ...`), another scale (`8/100`, `4 out of
+  5`), a negative number or a list marker (`[2] text`) is not a rating and is skipped, never clipped.
 - Support labels: the three labels in any case, with spaces, hyphens or underscores (`FULLY-SUPPORTED`), in single
   brackets, bold or after `Verdict:` / `Label:` anywhere, or bare on the last line (not after "not"). A line naming
   two different labels lists the options and is ignored.
