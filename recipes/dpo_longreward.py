@@ -83,6 +83,10 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 1,
     "max_steps": 3,
     "dataset_languages": ["en"],  # SmolLM2 is an English model
+    # LongRewardCallback: one held-out prompt (eval split) answered and judged before training and after step 3, so
+    # the report shows how the reward on unseen documents moves.
+    "eval_long_reward_steps": 3,
+    "eval_long_reward_prompts": 1,
     "num_samples": 4,
     "max_new_tokens": 48,
     "max_prompt_length": 512,
@@ -95,8 +99,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
         "judge_backend": "transformers",
         # One sampled try per judge call (paper: greedy first, up to 5 tries): tries cost ~10 s each on 2 cores and
         # SmolLM2's greedy answers almost never hold a verdict, so the demo spends its one try on a sampled answer.
+        # Measured on the first two steps: max_attempts 2 scores 3 of 4 answers and forms a pair each step (1 try: 1 of 4,
+        # no pair), but makes about twice the judge calls.
         "max_attempts": 1,
         "first_temperature": 0.95,
+        # SmolLM2 writes "Score: 6", "[Score: 6]" or "Output [10]" instead of "[[6]]": read those too (a deviation,
+        # see LongRewardConfig.verdict_parsing); without it almost no call parses and no pair forms.
+        "verdict_parsing": "lenient",
         "score_max_tokens": 96,
         "break_max_tokens": 112,
         "check_max_tokens": 48,
@@ -142,6 +151,16 @@ class LongRewardScriptArguments(ScriptArguments):
     )
     write_report: bool = field(
         default=True, metadata={"help": "Write report.html and judged_samples.jsonl to output_dir (online mode)."}
+    )
+    eval_long_reward_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N steps (and at the start and end), answer held-out prompts (dataset_test_split) with the "
+            "policy and log their LongReward as eval_long_reward/* (LongRewardCallback); 0: off."
+        },
+    )
+    eval_long_reward_prompts: int = field(
+        default=4, metadata={"help": "Held-out prompts answered by each LongRewardCallback evaluation."}
     )
 
 
@@ -351,6 +370,26 @@ def build_trainer(
         **common,
     )
     recorder.attach(trainer)
+    if script_args.eval_long_reward_steps > 0:
+        from trl_longreward.callback import LongRewardCallback
+
+        split = script_args.dataset_test_split
+        held_out = (
+            bundled_long_qa(split)
+            if script_args.dataset_name is None
+            else load_table(script_args.dataset_name, script_args.dataset_config, split)
+        )
+        if script_args.dataset_languages and "language" in held_out.column_names:
+            held_out = held_out.filter(lambda row: row["language"] in set(script_args.dataset_languages))
+        trainer.add_callback(
+            LongRewardCallback(
+                held_out,
+                trainer=trainer,
+                eval_steps=script_args.eval_long_reward_steps,
+                eval_on_start=True,
+                num_prompts=script_args.eval_long_reward_prompts,
+            )
+        )
     return trainer, recorder
 
 

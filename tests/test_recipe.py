@@ -312,6 +312,10 @@ def test_recipe_entry_point_trains_saves_and_writes_the_report(tmp_path):
     assert "Report:" in result.stdout + result.stderr
     records = _check_outputs(out)
     assert {r["rank"] for r in records} == {0}
+    # the demo's LongRewardCallback judged a held-out prompt before and after training; the report plots it
+    held_out = [json.loads(line) for line in (out / "long_reward_eval.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in held_out}) == [0, 1]
+    assert "Held-out prompts (LongRewardCallback)" in (out / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -326,6 +330,7 @@ def test_recipe_runs_on_two_cpu_ranks_with_the_accelerate_config(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO_ROOT / "accelerate_configs" / "multi_cpu.yaml"),
         str(RECIPE), *SMALL_RUN[:-1], json.dumps(long_reward), "--output_dir", str(out),
+        "--eval_long_reward_steps", "0",
     ]  # fmt: skip
     _run(command, timeout=420)
     records = [json.loads(line) for line in (out / "judged_samples.jsonl").read_text().splitlines()]

@@ -234,7 +234,7 @@ def _charts(logs: Sequence[dict[str, Any]]) -> str:
         ("Pairs", (0.0, 1.0), pair_keys),
         ("Loss", None, [("loss", "loss")]),
     ]
-    if any("eval_long_reward/reward" in e for e in logs):  # LongRewardCallback on held-out prompts
+    if any(key.startswith("eval_long_reward/") for e in logs for key in e):  # LongRewardCallback, held-out prompts
         held_out = [(d, f"eval_long_reward/{d}") for d in (*DIMENSIONS, "reward")]
         specs.insert(1, ("Held-out prompts (LongRewardCallback)", (0.0, 10.0), held_out))
     charts = []
