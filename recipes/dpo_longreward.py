@@ -15,13 +15,14 @@ How it deviates from the paper:
 - The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), answers of at most 48
   tokens, English rows only, learning rate 5e-6 (paper: 1e-6; a few steps would barely move the weights), small judge
   budgets and 1024-token notes chunks for completeness (paper: 4096), so that it finishes on a CPU. SmolLM2-135M is a
-  very weak judge: it rarely writes the `[[N]]` verdict, so most dimensions fail, an answer counts as scored when any
-  dimension is (`max_missing_dimensions: 3`; paper: all four), and many steps form no pair (the report shows why).
+  very weak judge: it rarely writes the `[[N]]` verdict, so its verdicts are also read in the forms it writes
+  (`verdict_parsing: lenient`; paper: strict), an answer counts as scored when any dimension is
+  (`max_missing_dimensions: 3`; paper: all four), and most steps still form no pair (the report shows why).
 - The prompts, score clipping, caching and failure handling deviate as listed in the README.
 
 Launch commands:
 
-    # CPU demo, no arguments (SmolLM2-135M-Instruct policy + in-process judge, bundled data, ~15 min on 2 cores):
+    # CPU demo, no arguments (SmolLM2-135M-Instruct policy + in-process judge, bundled data, ~18 min on 2 cores):
     python recipes/dpo_longreward.py                 # or: accelerate launch recipes/dpo_longreward.py
     # the same, written out as a config file:
     python recipes/dpo_longreward.py --config recipes/configs/cpu_demo.yaml
