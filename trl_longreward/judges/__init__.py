@@ -11,7 +11,15 @@ from .openai_judge import OpenAIJudge
 if TYPE_CHECKING:
     from ..reward.config import LongRewardConfig
 
-__all__ = ["ChatRequest", "Judge", "JudgeCallCache", "JudgeError", "JudgeUnavailableError", "OpenAIJudge", "build_judge"]
+__all__ = [
+    "ChatRequest",
+    "Judge",
+    "JudgeCallCache",
+    "JudgeError",
+    "JudgeUnavailableError",
+    "OpenAIJudge",
+    "build_judge",
+]
 
 
 def __getattr__(name: str) -> Any:

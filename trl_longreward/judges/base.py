@@ -19,7 +19,11 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """One judge call: a chat conversation and how to sample the answer."""
+    """One judge call: a chat conversation and how to sample the answer.
+
+    When the last message is the assistant's, the judge CONTINUES that message (a prefilled answer, e.g. a verdict
+    cue after the judge's own analysis) instead of opening a new assistant turn; see `continues_final_message`.
+    """
 
     messages: tuple[Message, ...]
     temperature: float = 0.0
@@ -29,6 +33,11 @@ class ChatRequest:
     @classmethod
     def from_prompt(cls, prompt: str, **sampling) -> ChatRequest:
         return cls(messages=({"role": "user", "content": prompt},), **sampling)
+
+    @property
+    def continues_final_message(self) -> bool:
+        """Whether the answer continues the final (assistant) message rather than starting a new turn."""
+        return bool(self.messages) and self.messages[-1].get("role") == "assistant"
 
     def sampling_key(self) -> tuple[float, int, float]:
         return (self.temperature, self.max_tokens, self.top_p)

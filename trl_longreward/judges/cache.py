@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 
 
-def cache_key(*, judge_model: str, template: str, template_version: str, request_fingerprint: str, attempt: int) -> str:
-    payload = json.dumps(
-        [judge_model, template, template_version, request_fingerprint, attempt], ensure_ascii=False
-    )
+def cache_key(
+    *, judge_model: str, template: str, template_version: str, request_fingerprint: str, attempt: int
+) -> str:
+    payload = json.dumps([judge_model, template, template_version, request_fingerprint, attempt], ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -34,8 +34,8 @@ class _Stop:
 class BatchingJudge(Judge):
     """Base class of in-process backends that answer requests in micro-batches.
 
-    Subclasses implement `_generate_batch`, a blocking call that answers requests which all share one
-    `ChatRequest.sampling_key()`. It returns one entry per request: the text, or a `JudgeError` to fail only that
+    Subclasses implement `_generate_batch`, a blocking call that answers requests which all share one `_group_key`
+    (by default `ChatRequest.sampling_key()`). It returns one entry per request: the text, or a `JudgeError` to fail only that
     request. If it raises, every request of that batch gets a `JudgeError`. Only one `_generate_batch` runs at a time
     (one worker), so a model needs no locking. Subclasses may add `completion_tokens` to `self.stats` themselves; the
     base class counts requests and failures.
@@ -59,7 +59,12 @@ class BatchingJudge(Judge):
 
     @abstractmethod
     def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
-        """Answer `requests` (same sampling parameters, at most `max_batch_size`); runs in a worker thread."""
+        """Answer `requests` (same `_group_key`, at most `max_batch_size`); runs in a worker thread."""
+
+    def _group_key(self, request: ChatRequest) -> tuple:
+        """Requests with equal keys may share one `_generate_batch` call. Default: all sampling parameters equal;
+        a backend that handles a different `max_tokens` per row in one call returns a coarser key."""
+        return request.sampling_key()
 
     async def agenerate(self, requests: Sequence[ChatRequest]) -> list[str | JudgeError]:
         """Queue every request for the batching worker and wait for all of them."""
@@ -131,11 +136,11 @@ class BatchingJudge(Judge):
         return batch, False
 
     async def _answer(self, batch: list[_Pending]) -> None:
-        """Split a micro-batch by sampling parameters (one `generate` call cannot mix them) and answer each group."""
-        groups: dict[tuple[float, int, float], list[_Pending]] = {}
+        """Split a micro-batch by `_group_key` (one `generate` call cannot mix temperatures) and answer each group."""
+        groups: dict[tuple, list[_Pending]] = {}
         for item in batch:
             if not item.future.done():  # skip callers that were cancelled meanwhile
-                groups.setdefault(item.request.sampling_key(), []).append(item)
+                groups.setdefault(self._group_key(item.request), []).append(item)
         for group in groups.values():
             results = await self._run_group([item.request for item in group])
             failures = sum(isinstance(result, JudgeError) for result in results)

@@ -1,11 +1,24 @@
-"""A judge that runs a chat model in-process with transformers (the embedded SmolLM2 by default)."""
+"""A judge that runs a chat model in-process with transformers (the embedded SmolLM2 by default).
+
+Prefix caching: every LongReward call of one kind starts with the same long instructions and worked examples (600 to
+1000 tokens), and the k responses to one prompt share the question as well, so most of a judge prompt was already
+prefilled by an earlier call. Like vLLM's automatic prefix caching, this judge keeps the KV cache of the longest
+shared token prefix it has seen (a few entries, least recently used first out), crops or extends it to the longest
+prefix a new batch shares, and `generate` only prefills the rest. The attention over the cached prefix is the same
+computation; greedy answers equal those of a plain prefill (tested).
+
+Mixed budgets: requests with different `max_tokens` (but equal temperature and top_p) share one `generate` call;
+each row stops at its own budget. On a CPU a decoding step costs about the same for 1 or 6 rows, so one batch of
+six is about 3x faster than three sequential batches of two.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import inspect
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +47,8 @@ class TransformersJudge(BatchingJudge):
         max_input_tokens: the longest prompt accepted, in tokens; default: the model's context window minus the
             request's `max_tokens`. Longer prompts fail with a `JudgeError` for that request only.
         seed: seeds sampling (temperature > 0) per batch, without touching the caller's global RNG stream.
+        prefix_cache_size: how many shared-prefix KV caches to keep (0 turns prefix caching off; see the module doc).
+        min_prefix_tokens: the shortest shared prefix worth caching.
     """
 
     def __init__(
@@ -46,6 +61,8 @@ class TransformersJudge(BatchingJudge):
         dtype: torch.dtype | None = None,
         max_input_tokens: int | None = None,
         seed: int = 0,
+        prefix_cache_size: int = 8,
+        min_prefix_tokens: int = 64,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size)
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +95,14 @@ class TransformersJudge(BatchingJudge):
         self.max_input_tokens = max_input_tokens
         self.seed = seed
         self._batches = 0
+        if prefix_cache_size < 0 or min_prefix_tokens < 1:
+            raise ValueError("prefix_cache_size must be >= 0 and min_prefix_tokens >= 1.")
+        self.prefix_cache_size = prefix_cache_size
+        self.min_prefix_tokens = min_prefix_tokens
+        # token prefix -> per-layer (keys, values) of batch size 1, least recently used first; None = caching off
+        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = OrderedDict()
+        self._recent: list[list[int]] = []  # the last prompts seen, to find a prefix shared across batches
+        self.prefix_stats = {"prompt_tokens": 0, "cached_tokens": 0}
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id
@@ -101,15 +126,25 @@ class TransformersJudge(BatchingJudge):
             return self.max_input_tokens
         return None if self._window is None else self._window - request.max_tokens
 
-    def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
-        """Tokenize with the chat template, drop over-long prompts, left-pad the rest and generate once."""
-        encoded = self.tokenizer.apply_chat_template(
-            [list(request.messages) for request in requests],
-            add_generation_prompt=True,
+    def _group_key(self, request: ChatRequest) -> tuple:
+        return (request.temperature, request.top_p)  # one `generate` call serves different max_tokens
+
+    def _encode(self, request: ChatRequest) -> list[int]:
+        """The prompt's token ids: a new assistant turn, or the continuation of a final assistant message."""
+        continuation = request.continues_final_message
+        ids = self.tokenizer.apply_chat_template(
+            list(request.messages),
+            add_generation_prompt=not continuation,
+            continue_final_message=continuation,
             tokenize=True,
             return_dict=True,
             **self._template_kwargs,
         )["input_ids"]
+        return list(ids)
+
+    def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
+        """Tokenize with the chat template, drop over-long prompts, and generate the rest in one call."""
+        encoded = [self._encode(request) for request in requests]
         results: BatchResult = [""] * len(requests)
         runnable: list[int] = []
         for index, (request, ids) in enumerate(zip(requests, encoded, strict=True)):
@@ -122,40 +157,174 @@ class TransformersJudge(BatchingJudge):
             else:
                 runnable.append(index)
         if runnable:
-            texts = self._generate([encoded[i] for i in runnable], requests[runnable[0]])
+            texts = self._generate([encoded[i] for i in runnable], [requests[i] for i in runnable])
             for index, text in zip(runnable, texts, strict=True):
                 results[index] = text
         return results
 
-    def _generate(self, prompts: list[list[int]], sampling: ChatRequest) -> list[str]:
-        """One `generate` call over left-padded prompts that share `sampling`'s parameters."""
-        width = max(len(ids) for ids in prompts)
-        # Left padding keeps every prompt's last token at the same position, where generation continues.
+    def _generate(self, prompts: list[list[int]], requests: list[ChatRequest]) -> list[str]:
+        """One `generate` call over prompts that share temperature and top_p; each row stops at its own max_tokens.
+
+        Row i is laid out as [padding][its cached prefix][padding][the rest of its prompt]: the cached prefixes (of
+        different lengths, from different entries) are left-padded to one length P, the rests to one length R.
+        Padding is masked and positions come from the attention mask, so every prompt sees its own tokens at
+        positions 0..len-1, exactly as in a plain left-padded batch.
+        """
+        sampling = requests[0]
+        budgets = [request.max_tokens for request in requests]
+        lengths, cache = self._cached_prefixes(prompts)
+        prefix_width = max(lengths)
+        rests = [ids[n:] for ids, n in zip(prompts, lengths, strict=True)]
+        width = prefix_width + max(len(rest) for rest in rests)
         input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
+        for row, (ids, n, rest) in enumerate(zip(prompts, lengths, rests, strict=True)):
+            if n:
+                input_ids[row, prefix_width - n : prefix_width] = torch.tensor(ids[:n], dtype=torch.long)
+                attention_mask[row, prefix_width - n : prefix_width] = 1
+            input_ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[row, width - len(rest) :] = 1
+        self.prefix_stats["prompt_tokens"] += sum(len(ids) for ids in prompts)
+        self.prefix_stats["cached_tokens"] += sum(lengths)
 
         config = copy.deepcopy(self.model.generation_config)
-        config.max_new_tokens = sampling.max_tokens
+        config.max_new_tokens = max(budgets)
         config.pad_token_id = self._pad_id
         if sampling.temperature > 0:
             config.do_sample, config.temperature, config.top_p = True, sampling.temperature, sampling.top_p
             config.top_k = None  # the request's top_p is the only truncation asked for
         else:
             config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
+        extra: dict[str, Any] = {}
+        if len(set(budgets)) > 1:
+            extra["stopping_criteria"] = _row_budgets(budgets, width)
+        if cache is not None:
+            extra["past_key_values"] = cache
 
         device = self.model.device
         self._batches += 1
         with torch.inference_mode(), self._rng_scope(config.do_sample, device):
             output = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                **extra,
             )
-        new_tokens = output[:, width:].cpu()
-        self.stats.add(completion_tokens=sum(self._count_generated(row) for row in new_tokens.tolist()))
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        generated = output[:, width:].cpu().tolist()
+        rows = [self._until_eos(row[:budget]) for row, budget in zip(generated, budgets, strict=True)]
+        self.stats.add(completion_tokens=sum(len(row) for row in rows))
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+    # --- prefix cache --------------------------------------------------------------------------------------------
+
+    def _cached_prefixes(self, prompts: list[list[int]]) -> tuple[list[int], Any]:
+        """How many leading tokens of each prompt come from the prefix cache, and the batch's KV cache (or None).
+
+        A prompt's prefix is the longest one it shares with a stored entry (cropped: causal attention makes the first
+        n positions of a cache valid on their own). When a prompt shares at least `min_prefix_tokens` more with
+        another prompt of this batch or a recent one, that longer prefix is prefilled once (extending the best
+        entry) and stored. At least one token of every prompt stays uncached: `generate` computes its logits.
+        """
+        if not self.prefix_cache_size or self._prefixes is None:
+            return [0] * len(prompts), None
+        recent, self._recent = self._recent, [*prompts, *self._recent][:16]
+        lengths: list[int] = []
+        sources: list[tuple[int, ...] | None] = []
+        for index, ids in enumerate(prompts):
+            limit = len(ids) - 1
+            key, matched = self._best_entry(ids, limit)
+            others = [other for j, other in enumerate(prompts) if j != index] + recent
+            shared = min(max((_common_length(ids, other) for other in others), default=0), limit)
+            if shared - matched >= self.min_prefix_tokens:
+                key = self._store(ids[:shared], key, matched)
+                matched = shared if key is not None else 0
+            if matched < self.min_prefix_tokens:
+                key, matched = None, 0
+            lengths.append(matched)
+            sources.append(key)
+        if self._prefixes is None:
+            return [0] * len(prompts), None
+        # an entry stored for an earlier row may have been evicted by a later one: that row is prefilled in full
+        lengths = [n if key in self._prefixes else 0 for n, key in zip(lengths, sources, strict=True)]
+        if not any(lengths):
+            return [0] * len(prompts), None
+        return lengths, self._batch_cache(lengths, sources)
+
+    def _best_entry(self, ids: list[int], limit: int) -> tuple[tuple[int, ...] | None, int]:
+        best_key, best = None, 0
+        for key in self._prefixes or {}:
+            length = min(_common_length(key, ids), limit)
+            if length > best:
+                best_key, best = key, length
+        if best_key is not None:
+            self._prefixes.move_to_end(best_key)
+        return best_key, best
+
+    def _store(self, tokens: list[int], base: tuple[int, ...] | None, base_length: int) -> tuple[int, ...] | None:
+        """Prefill `tokens` (from `base`'s first `base_length` positions) and store its per-layer keys and values.
+
+        Returns None, and turns prefix caching off, for a model whose cache is not plain per-layer keys and values
+        (sliding windows, recurrent states): those cannot be cropped and padded like this.
+        """
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        if self._prefixes is None:
+            return None
+        cache = None
+        if base is not None and base_length:
+            cache = DynamicCache(
+                ddp_cache_data=[(k[:, :, :base_length], v[:, :, :base_length]) for k, v in self._prefixes[base]]
+            )
+        else:
+            base_length = 0
+        device = self.model.device
+        new = torch.tensor([tokens[base_length:]], dtype=torch.long, device=device)
+        positions = torch.arange(base_length, len(tokens), device=device).unsqueeze(0)
+        with torch.inference_mode():
+            outputs = self.model(
+                input_ids=new, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
+            )
+        cache = outputs.past_key_values
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            self._prefixes = None
+            return None
+        key = tuple(tokens)
+        self._prefixes[key] = [(layer.keys, layer.values) for layer in layers]
+        while len(self._prefixes) > self.prefix_cache_size:
+            self._prefixes.popitem(last=False)
+        return key
+
+    def _batch_cache(self, lengths: list[int], sources: list[tuple[int, ...] | None]) -> Any:
+        """One DynamicCache for the batch: row i holds its entry's first lengths[i] positions, left-padded with
+        zeros (masked) to the longest."""
+        from transformers import DynamicCache
+
+        width = max(lengths)
+        any_entry = next(self._prefixes[key] for key in sources if key is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(any_entry):
+            keys, values = [], []
+            for n, key in zip(lengths, sources, strict=True):
+                k = k0.new_zeros((1, k0.shape[1], width, k0.shape[3]))
+                v = v0.new_zeros((1, v0.shape[1], width, v0.shape[3]))
+                if key is not None and n:
+                    stored_k, stored_v = self._prefixes[key][layer]
+                    k[:, :, width - n :] = stored_k[:, :, :n]
+                    v[:, :, width - n :] = stored_v[:, :, :n]
+                keys.append(k)
+                values.append(v)
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=layers)
+
+    def _until_eos(self, row: list[int]) -> list[int]:
+        """Generated tokens up to and including the first eos (the rest is padding)."""
+        for position, token in enumerate(row):
+            if token in self._eos_ids:
+                return row[: position + 1]
+        return row
 
     @contextlib.contextmanager
     def _rng_scope(self, sampling: bool, device: torch.device) -> Iterator[None]:
@@ -167,12 +336,26 @@ class TransformersJudge(BatchingJudge):
             torch.manual_seed(self.seed + self._batches)
             yield
 
-    def _count_generated(self, row: list[int]) -> int:
-        """Tokens actually generated: up to and including the first eos (the rest is padding)."""
-        for position, token in enumerate(row):
-            if token in self._eos_ids:
-                return position + 1
-        return len(row)
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _row_budgets(budgets: list[int], prompt_width: int) -> Any:
+    """Stopping criteria under which row i stops after `budgets[i]` new tokens (the others go on)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RowBudgets(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+            limits = torch.tensor(budgets, device=input_ids.device)
+            return input_ids.shape[1] - prompt_width >= limits
+
+    return StoppingCriteriaList([RowBudgets()])
 
 
 def _auto_device() -> torch.device:
