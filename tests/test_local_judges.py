@@ -225,7 +225,121 @@ def test_transformers_judge_sampling_is_seeded(smollm2_judge) -> None:
     assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream was not consumed
 
 
+_INSTRUCTIONS = (
+    "You are an impartial evaluator. Read the question and the response, think about whether the response answers "
+    "the question, and then give a score from 0 to 10. "
+) * 8  # a long shared instruction block, as every LongReward prompt of one kind starts with
+
+
+@pytest.mark.slow
+def test_prefix_cache_and_mixed_budgets_give_the_plain_answers(smollm2_judge) -> None:
+    """Greedy answers with the prefix cache (several entries, cropped and extended, rows with different budgets and
+    a continued assistant message in one batch) equal those of a judge without it, and most prompt tokens were cached."""
+    from trl_longreward.judges.transformers_judge import TransformersJudge
+
+    plain = TransformersJudge(smollm2_judge.model, smollm2_judge.tokenizer, prefix_cache_size=0)
+    cached = TransformersJudge(smollm2_judge.model, smollm2_judge.tokenizer)
+    questions = ["What is the capital of France?", "Who wrote Hamlet?", "What is 2 + 2?"]
+    first = [
+        _prompt(f"{_INSTRUCTIONS}\nQuestion: {q}\nResponse: I am not sure.", max_tokens=8 + 4 * i)
+        for i, q in enumerate(questions)
+    ]
+    continued = ChatRequest(
+        messages=(
+            {"role": "user", "content": f"{_INSTRUCTIONS}\nQuestion: {questions[0]}\nResponse: Paris."},
+            {"role": "assistant", "content": "The response names the right city.\n\nScore: [["},
+        ),
+        max_tokens=3,
+    )
+    other_kind = _prompt("Translate into French: good morning, my friend.", max_tokens=6)
+    second = [_prompt(f"{_INSTRUCTIONS}\nQuestion: {q}\nResponse: Paris.", max_tokens=5) for q in questions[:2]]
+    for batch in (first, [continued, other_kind, *second], [second[0]]):
+        expected = plain.generate(batch)
+        assert cached.generate(batch) == expected
+        assert all(isinstance(text, str) for text in expected)
+    assert cached.prefix_stats["cached_tokens"] > 0.6 * cached.prefix_stats["prompt_tokens"]
+    assert plain.prefix_stats["cached_tokens"] == 0
+    # each row stopped at its own budget (3 new tokens at most for the continuation)
+    assert len(smollm2_judge.tokenizer(cached.generate([continued])[0]).input_ids) <= 3
+    assert len(cached._prefixes) <= cached.prefix_cache_size
+
+
+def test_prefix_cache_turns_itself_off_for_sliding_window_models() -> None:
+    """A cache that is not plain per-layer keys and values (here: sliding windows) cannot be cropped and padded; the
+    judge then prefills every prompt in full and still answers as a judge without a prefix cache."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from trl_longreward.judges.transformers_judge import TransformersJudge
+    from trl_longreward.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        max_position_embeddings=2048,
+    )
+    model = MistralForCausalLM(config).eval()
+    requests = [_prompt(f"{_INSTRUCTIONS} Question {i}?", max_tokens=4) for i in range(3)]
+    expected = TransformersJudge(model, tokenizer, prefix_cache_size=0).generate(requests)
+    judge = TransformersJudge(model, tokenizer)
+    assert judge.generate(requests) == expected
+    assert judge._prefixes is None and judge.generate(requests) == expected
+
+
 # --- VLLMJudge ------------------------------------------------------------------------------------------------------
+
+
+class _StubVLLM:
+    """Stands in for the `vllm` module: records what `LLM.chat` receives and answers with fixed texts."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        stub = self
+
+        class SamplingParams:
+            def __init__(self, **kwargs: object) -> None:
+                self.kwargs = kwargs
+
+        class LLM:
+            def __init__(self, model: str, **kwargs: object) -> None:
+                self.model = model
+
+            def chat(self, conversations, params, **kwargs):
+                stub.calls.append({"conversations": conversations, "params": params, **kwargs})
+                output = type("Completion", (), {"text": " 7]] ", "token_ids": [1, 2]})
+                return [type("RequestOutput", (), {"outputs": [output]}) for _ in conversations]
+
+        self.SamplingParams, self.LLM = SamplingParams, LLM
+
+
+def test_vllm_judge_mixes_budgets_and_continues_assistant_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract with `vllm.LLM.chat` (no GPU here): new turns and continuations go in separate calls with the
+    matching chat-template flags, every request keeps its own sampling parameters."""
+    from trl_longreward.judges.vllm_judge import VLLMJudge
+
+    stub = _StubVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", stub)
+    judge = VLLMJudge("stub/model")
+    continued = ChatRequest(
+        messages=({"role": "user", "content": "Rate it."}, {"role": "assistant", "content": "Fine.\nScore: [["}),
+        max_tokens=6,
+    )
+    results = judge.generate([_prompt("Rate this.", max_tokens=96), continued, _prompt("And this.", max_tokens=48)])
+    assert results == ["7]]"] * 3
+    turns, continuations = stub.calls
+    assert turns["add_generation_prompt"] is True and turns["continue_final_message"] is False
+    assert [p.kwargs["max_tokens"] for p in turns["params"]] == [96, 48]
+    assert continuations["add_generation_prompt"] is False and continuations["continue_final_message"] is True
+    assert continuations["conversations"] == [list(continued.messages)]
+    assert [p.kwargs["max_tokens"] for p in continuations["params"]] == [6]
+    assert judge.stats.completion_tokens == 6
 
 
 def test_vllm_judge_without_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -185,7 +185,7 @@ class OpenAIJudge(Judge):
                     temperature=request.temperature,
                     top_p=request.top_p,
                     max_tokens=request.max_tokens,
-                    extra_body=self.extra_body,
+                    extra_body=_extra_body(self.extra_body, request),
                 )
                 used += raw.retries_taken
                 try:
@@ -260,3 +260,11 @@ class OpenAIJudge(Judge):
             theirs.__dict__.update({k: v for k, v in vars(mine).items() if k not in ("client", "in_flight")})
         state.update(_pool=pool, _retired=[], _loop=None)
         return state
+
+
+def _extra_body(extra: dict | None, request: ChatRequest) -> dict | None:
+    """The request's extra JSON fields: the judge's own, plus vLLM's continuation flags when the request continues a
+    final assistant message (`ChatRequest.continues_final_message`)."""
+    if not request.continues_final_message:
+        return extra
+    return {**(extra or {}), "continue_final_message": True, "add_generation_prompt": False}

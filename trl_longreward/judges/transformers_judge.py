@@ -2,10 +2,11 @@
 
 Prefix caching: every LongReward call of one kind starts with the same long instructions and worked examples (600 to
 1000 tokens), and the k responses to one prompt share the question as well, so most of a judge prompt was already
-prefilled by an earlier call. Like vLLM's automatic prefix caching, this judge keeps the KV cache of the longest
-shared token prefix it has seen (a few entries, least recently used first out), crops or extends it to the longest
-prefix a new batch shares, and `generate` only prefills the rest. The attention over the cached prefix is the same
-computation; greedy answers equal those of a plain prefill (tested).
+prefilled by an earlier call. Like vLLM's automatic prefix caching, this judge keeps the KV caches of shared token
+prefixes it has seen (a few entries, least recently used first out); each prompt starts from the entry it shares
+most with (cropped), only the rest is prefilled, each prompt on its own (no padding), and `generate` decodes the
+batch from those caches. The attention over a cached prefix is the same computation; greedy answers equal those of
+a plain prefill (tested).
 
 Mixed budgets: requests with different `max_tokens` (but equal temperature and top_p) share one `generate` call;
 each row stops at its own budget. On a CPU a decoding step costs about the same for 1 or 6 rows, so one batch of
@@ -163,29 +164,19 @@ class TransformersJudge(BatchingJudge):
         return results
 
     def _generate(self, prompts: list[list[int]], requests: list[ChatRequest]) -> list[str]:
-        """One `generate` call over prompts that share temperature and top_p; each row stops at its own max_tokens.
-
-        Row i is laid out as [padding][its cached prefix][padding][the rest of its prompt]: the cached prefixes (of
-        different lengths, from different entries) are left-padded to one length P, the rests to one length R.
-        Padding is masked and positions come from the attention mask, so every prompt sees its own tokens at
-        positions 0..len-1, exactly as in a plain left-padded batch.
-        """
+        """One `generate` call over left-padded prompts that share temperature and top_p; each row stops at its own
+        max_tokens. With prefix caching, each prompt (all but its last token) is prefilled on its own from its best
+        cached prefix, and `generate` starts from those rows' caches, left-padded to one length (masked)."""
         sampling = requests[0]
         budgets = [request.max_tokens for request in requests]
-        lengths, cache = self._cached_prefixes(prompts)
-        prefix_width = max(lengths)
-        rests = [ids[n:] for ids, n in zip(prompts, lengths, strict=True)]
-        width = prefix_width + max(len(rest) for rest in rests)
+        width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, (ids, n, rest) in enumerate(zip(prompts, lengths, rests, strict=True)):
-            if n:
-                input_ids[row, prefix_width - n : prefix_width] = torch.tensor(ids[:n], dtype=torch.long)
-                attention_mask[row, prefix_width - n : prefix_width] = 1
-            input_ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
-            attention_mask[row, width - len(rest) :] = 1
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        cache = self._prefilled(prompts)
         self.prefix_stats["prompt_tokens"] += sum(len(ids) for ids in prompts)
-        self.prefix_stats["cached_tokens"] += sum(lengths)
 
         config = copy.deepcopy(self.model.generation_config)
         config.max_new_tokens = max(budgets)
@@ -218,38 +209,40 @@ class TransformersJudge(BatchingJudge):
 
     # --- prefix cache --------------------------------------------------------------------------------------------
 
-    def _cached_prefixes(self, prompts: list[list[int]]) -> tuple[list[int], Any]:
-        """How many leading tokens of each prompt come from the prefix cache, and the batch's KV cache (or None).
+    def _prefilled(self, prompts: list[list[int]]) -> Any:
+        """The batch's KV cache of every prompt but its last token (left-padded with masked zeros), or None to let
+        `generate` prefill the left-padded batch itself (prefix caching off, or a model it does not apply to).
 
-        A prompt's prefix is the longest one it shares with a stored entry (cropped: causal attention makes the first
-        n positions of a cache valid on their own). When a prompt shares at least `min_prefix_tokens` more with
-        another prompt of this batch or a recent one, that longer prefix is prefilled once (extending the best
-        entry) and stored. At least one token of every prompt stays uncached: `generate` computes its logits.
+        Each prompt starts from the stored prefix it shares most tokens with (cropped: causal attention makes the
+        first n positions of a cache valid on their own). When it shares at least `min_prefix_tokens` more with
+        another prompt of this batch or a recent one, that longer prefix is prefilled once and stored. The rest of
+        each prompt is prefilled alone, so no time goes into padding a short prompt to a long one.
         """
-        if not self.prefix_cache_size or self._prefixes is None:
-            return [0] * len(prompts), None
+        if not self.prefix_cache_size or self._prefixes is None or min(len(ids) for ids in prompts) < 2:
+            return None
         recent, self._recent = self._recent, [*prompts, *self._recent][:16]
-        lengths: list[int] = []
-        sources: list[tuple[int, ...] | None] = []
+        rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for index, ids in enumerate(prompts):
-            limit = len(ids) - 1
+            limit = len(ids) - 1  # `generate` computes the last token's logits itself
             key, matched = self._best_entry(ids, limit)
             others = [other for j, other in enumerate(prompts) if j != index] + recent
             shared = min(max((_common_length(ids, other) for other in others), default=0), limit)
             if shared - matched >= self.min_prefix_tokens:
-                key = self._store(ids[:shared], key, matched)
-                matched = shared if key is not None else 0
-            if matched < self.min_prefix_tokens:
-                key, matched = None, 0
-            lengths.append(matched)
-            sources.append(key)
-        if self._prefixes is None:
-            return [0] * len(prompts), None
-        # an entry stored for an earlier row may have been evicted by a later one: that row is prefilled in full
-        lengths = [n if key in self._prefixes else 0 for n, key in zip(lengths, sources, strict=True)]
-        if not any(lengths):
-            return [0] * len(prompts), None
-        return lengths, self._batch_cache(lengths, sources)
+                base = self._prefixes[key] if key is not None else None
+                kv = self._forward(ids[:shared], base, matched)
+                if kv is None:
+                    return None
+                key, matched = tuple(ids[:shared]), shared
+                self._prefixes[key] = kv
+                while len(self._prefixes) > self.prefix_cache_size:
+                    self._prefixes.popitem(last=False)
+            base = self._prefixes[key] if key is not None and key in self._prefixes else None
+            kv = self._forward(ids[:limit], base, matched if base is not None else 0)
+            if kv is None:
+                return None
+            self.prefix_stats["cached_tokens"] += matched if base is not None else 0
+            rows.append(kv)
+        return _left_padded_cache(rows)
 
     def _best_entry(self, ids: list[int], limit: int) -> tuple[tuple[int, ...] | None, int]:
         best_key, best = None, 0
@@ -261,8 +254,10 @@ class TransformersJudge(BatchingJudge):
             self._prefixes.move_to_end(best_key)
         return best_key, best
 
-    def _store(self, tokens: list[int], base: tuple[int, ...] | None, base_length: int) -> tuple[int, ...] | None:
-        """Prefill `tokens` (from `base`'s first `base_length` positions) and store its per-layer keys and values.
+    def _forward(
+        self, tokens: list[int], base: list[tuple[torch.Tensor, torch.Tensor]] | None, base_length: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer keys and values of `tokens` (batch 1), computed on top of `base`'s first `base_length` positions.
 
         Returns None, and turns prefix caching off, for a model whose cache is not plain per-layer keys and values
         (sliding windows, recurrent states): those cannot be cropped and padded like this.
@@ -270,15 +265,12 @@ class TransformersJudge(BatchingJudge):
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicLayer
 
-        if self._prefixes is None:
-            return None
-        cache = None
-        if base is not None and base_length:
-            cache = DynamicCache(
-                ddp_cache_data=[(k[:, :, :base_length], v[:, :, :base_length]) for k, v in self._prefixes[base]]
-            )
-        else:
+        if base is None:
             base_length = 0
+        cropped = [(k[:, :, :base_length], v[:, :, :base_length]) for k, v in base] if base is not None else None
+        if base_length == len(tokens) and cropped is not None:
+            return cropped
+        cache = DynamicCache(ddp_cache_data=cropped) if cropped is not None and base_length else None
         device = self.model.device
         new = torch.tensor([tokens[base_length:]], dtype=torch.long, device=device)
         positions = torch.arange(base_length, len(tokens), device=device).unsqueeze(0)
@@ -286,38 +278,11 @@ class TransformersJudge(BatchingJudge):
             outputs = self.model(
                 input_ids=new, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
             )
-        cache = outputs.past_key_values
-        layers = getattr(cache, "layers", None)
+        layers = getattr(outputs.past_key_values, "layers", None)
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
             self._prefixes = None
             return None
-        key = tuple(tokens)
-        self._prefixes[key] = [(layer.keys, layer.values) for layer in layers]
-        while len(self._prefixes) > self.prefix_cache_size:
-            self._prefixes.popitem(last=False)
-        return key
-
-    def _batch_cache(self, lengths: list[int], sources: list[tuple[int, ...] | None]) -> Any:
-        """One DynamicCache for the batch: row i holds its entry's first lengths[i] positions, left-padded with
-        zeros (masked) to the longest."""
-        from transformers import DynamicCache
-
-        width = max(lengths)
-        any_entry = next(self._prefixes[key] for key in sources if key is not None)
-        layers = []
-        for layer, (k0, v0) in enumerate(any_entry):
-            keys, values = [], []
-            for n, key in zip(lengths, sources, strict=True):
-                k = k0.new_zeros((1, k0.shape[1], width, k0.shape[3]))
-                v = v0.new_zeros((1, v0.shape[1], width, v0.shape[3]))
-                if key is not None and n:
-                    stored_k, stored_v = self._prefixes[key][layer]
-                    k[:, :, width - n :] = stored_k[:, :, :n]
-                    v[:, :, width - n :] = stored_v[:, :, :n]
-                keys.append(k)
-                values.append(v)
-            layers.append((torch.cat(keys), torch.cat(values)))
-        return DynamicCache(ddp_cache_data=layers)
+        return [(layer.keys, layer.values) for layer in layers]
 
     def _until_eos(self, row: list[int]) -> list[int]:
         """Generated tokens up to and including the first eos (the rest is padding)."""
@@ -344,6 +309,23 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def _left_padded_cache(rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> Any:
+    """One DynamicCache holding every row's keys and values, left-padded with zeros (masked) to the longest row."""
+    from transformers import DynamicCache
+
+    width = max(row[0][0].shape[2] for row in rows)
+    layers = []
+    for layer in range(len(rows[0])):
+        keys, values = [], []
+        for row in rows:
+            k, v = row[layer]
+            pad = width - k.shape[2]
+            keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
+            values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(ddp_cache_data=layers)
 
 
 def _row_budgets(budgets: list[int], prompt_width: int) -> Any:

@@ -38,8 +38,7 @@ class VLLMJudge(BatchingJudge):
         self._max_model_len = _max_model_len(self.llm)
 
     def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
-        """One `LLM.chat` call; prompts too long for the model fail alone instead of failing the whole batch."""
-        first = requests[0]
+        """`LLM.chat` (one call per kind of request); prompts too long for the model fail alone, not the batch."""
         results: BatchResult = [""] * len(requests)
         runnable = []
         for index, request in enumerate(requests):
@@ -50,23 +49,45 @@ class VLLMJudge(BatchingJudge):
                 results[index] = error
         if not runnable:
             return results
-        params = self._sampling_params_cls(
-            temperature=first.temperature, top_p=first.top_p, max_tokens=first.max_tokens
-        )
-        conversations = [list(requests[index].messages) for index in runnable]
-        outputs = self.llm.chat(conversations, params, use_tqdm=False)
-        for index, output in zip(runnable, outputs, strict=True):
-            completion = output.outputs[0]
-            self.stats.add(completion_tokens=len(completion.token_ids))
-            results[index] = completion.text.strip()
+        # One `chat` call per kind of request: new turns, and continuations of a final assistant message.
+        for continuation in (False, True):
+            batch = [i for i in runnable if requests[i].continues_final_message == continuation]
+            if not batch:
+                continue
+            params = [
+                self._sampling_params_cls(
+                    temperature=requests[i].temperature, top_p=requests[i].top_p, max_tokens=requests[i].max_tokens
+                )
+                for i in batch
+            ]
+            outputs = self.llm.chat(
+                [list(requests[i].messages) for i in batch],
+                params,
+                use_tqdm=False,
+                add_generation_prompt=not continuation,
+                continue_final_message=continuation,
+            )
+            for index, output in zip(batch, outputs, strict=True):
+                completion = output.outputs[0]
+                self.stats.add(completion_tokens=len(completion.token_ids))
+                results[index] = completion.text.strip()
         return results
+
+    def _group_key(self, request: ChatRequest) -> tuple:
+        return ()  # every request carries its own SamplingParams: any mix shares one batch
 
     def _check_length(self, request: ChatRequest) -> JudgeError | None:
         """vLLM rejects a whole `chat` call if one prompt is too long, so check each prompt first."""
         if self._max_model_len is None:
             return None
         tokenizer = self.llm.get_tokenizer()
-        ids = tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=True)
+        continuation = request.continues_final_message
+        ids = tokenizer.apply_chat_template(
+            list(request.messages),
+            add_generation_prompt=not continuation,
+            continue_final_message=continuation,
+            tokenize=True,
+        )
         if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
             ids = ids["input_ids"]
         limit = self._max_model_len - request.max_tokens

@@ -19,6 +19,19 @@ from .templates import PromptTemplate, load_template
 
 T = TypeVar("T")
 
+# Verdict follow-up (`LongRewardConfig.verdict_followup`): after an answer that does not parse, the judge's own text
+# is continued with the verdict line of the template's worked examples, greedily, with a small budget (None: the
+# call's own budget, for the list-shaped answers).
+VERDICT_CUES: dict[str, tuple[str, int | None]] = {
+    "helpfulness": ("\n\nScore: [[", 6),
+    "logicality": ("\n\nScore: [[", 6),
+    "completeness_score": ("\n\nScore: [[", 6),
+    "reference_rating": ("\n\nRating: [[", 6),
+    "faithfulness_check": ("\n\nVerdict: [[", 8),
+    "faithfulness_break": ("\n\nOutput:\n", None),
+    "completeness_extract": ("\n\nOutput:\n", None),
+}
+
 _DELIMITERS = ("question", "response", "statement", "passages", "chunk", "notes")
 _TAG = re.compile(r"<(/?)\s*(" + "|".join(_DELIMITERS) + r")\s*>", re.IGNORECASE)
 
@@ -48,12 +61,14 @@ class CallResult(Generic[T]):
 
 @dataclass
 class CallCounters:
-    """What judging cost: calls sent to the judge, answered from cache, unparseable answers, failed calls."""
+    """What judging cost: calls sent to the judge, answered from cache, unparseable answers (after any verdict
+    follow-up), failed calls, and verdict follow-ups made."""
 
     sent: Counter = field(default_factory=Counter)
     cached: Counter = field(default_factory=Counter)
     parse_failures: Counter = field(default_factory=Counter)
     judge_errors: Counter = field(default_factory=Counter)
+    followups: Counter = field(default_factory=Counter)
 
     def totals(self) -> dict[str, int]:
         return {
@@ -61,10 +76,14 @@ class CallCounters:
             "cache_hits": sum(self.cached.values()),
             "parse_failures": sum(self.parse_failures.values()),
             "judge_errors": sum(self.judge_errors.values()),
+            "verdict_followups": sum(self.followups.values()),
         }
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        return {name: dict(getattr(self, name)) for name in ("sent", "cached", "parse_failures", "judge_errors")}
+        return {
+            name: dict(getattr(self, name))
+            for name in ("sent", "cached", "parse_failures", "judge_errors", "followups")
+        }
 
 
 class JudgeRunner:
@@ -77,8 +96,10 @@ class JudgeRunner:
         first_temperature: float,
         retry_temperature: float,
         prompt_dir: str | None = None,
+        verdict_followup: bool = False,
     ) -> None:
         self.judge = judge
+        self.verdict_followup = verdict_followup
         self.cache = cache
         self.max_attempts = max_attempts
         self.first_temperature = first_temperature
@@ -93,7 +114,12 @@ class JudgeRunner:
     async def run(
         self, template_name: str, values: dict[str, str], parse: Callable[[str], T | None], *, max_tokens: int
     ) -> CallResult[T]:
-        """Ask the judge until its answer parses, at most `max_attempts` times (first try cold, re-samples hot)."""
+        """Ask the judge until its answer parses, at most `max_attempts` times (first try cold, re-samples hot).
+
+        With `verdict_followup`, a try whose answer does not parse is followed by one greedy continuation of that
+        answer with the template's verdict cue (`VERDICT_CUES`), e.g. "...analysis\n\nScore: [[" -> "7]]", and the
+        whole continued answer is parsed again before the next re-sample.
+        """
         template = self.template(template_name)
         prompt = template.render(**{k: neutralize(v) for k, v in values.items()})
         result: CallResult[T] = CallResult(value=None)
@@ -115,12 +141,41 @@ class JudgeRunner:
                 return result
             result.texts.append(text)
             value = parse(text)
+            if value is None and self.verdict_followup and template.name in VERDICT_CUES:
+                self.counters.followups[template.name] += 1
+                text = await self._follow_up(template.name, template.version, prompt, text, max_tokens)
+                if text is not None:
+                    result.texts.append(text)
+                    value = parse(text)
             if value is not None:
                 result.value = value
                 return result
             self.counters.parse_failures[template.name] += 1
         result.error = f"parse_failure: no valid verdict in {self.max_attempts} tries"
         return result
+
+    async def _follow_up(self, name: str, version: str, prompt: str, answer: str, max_tokens: int) -> str | None:
+        """The judge's `answer` continued after the verdict cue (the whole continued answer), or None if the call
+        failed: a follow-up is an extra chance, so its failure is not the call's failure."""
+        cue, budget = VERDICT_CUES[name]
+        request = ChatRequest(
+            messages=({"role": "user", "content": prompt}, {"role": "assistant", "content": answer + cue}),
+            temperature=0.0,
+            max_tokens=budget or max_tokens,
+        )
+        key = cache_key(
+            judge_model=self.judge.model_id,
+            template=f"{name}+verdict",
+            template_version=version,
+            request_fingerprint=request.fingerprint(),
+            attempt=0,
+        )
+        try:
+            continuation = await self._fetch(key, request, name)
+        except JudgeError:
+            self.counters.judge_errors[name] += 1
+            return None
+        return answer + cue + continuation
 
     async def _fetch(self, key: str, request: ChatRequest, template_name: str) -> str:
         cached = self.cache.get(key)

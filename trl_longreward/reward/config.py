@@ -50,6 +50,13 @@ class LongRewardConfig:
             unbracketed or differently cased support labels, and numbered lists of statements; a verdict in the
             paper's format always wins, numbers outside 0-10 are rejected, quoted text is ignored, and cache keys are
             the same in both modes (see `trl_longreward/reward/lenient_parsing.py`).
+        verdict_followup (`bool`): Defaults to `False` (the paper re-samples the whole answer). `True` (a deviation,
+            for weak judges): when an answer does not parse, the judge's own answer is continued greedily after the
+            verdict line of the prompt's worked examples ("Score: [[", "Verdict: [[", "Output:") with a few tokens,
+            and the continued answer is parsed before any re-sample. It costs a short prefill-mostly call instead of
+            a whole new answer. Needs a backend that continues a final assistant message: the in-process transformers
+            and vLLM judges, or `vllm serve` (the request carries `continue_final_message`); another server may
+            answer in a new turn, which then rarely parses, and the call goes on to its re-samples as without it.
         zero_statement_policy (`str`): Faithfulness of a response with no factual statement. `"exclude"` (default):
             faithfulness is not applicable, the reward is the mean of the other dimensions (as FactScore leaves
             abstaining answers out of precision); `"full"`: 10 (nothing unsupported was claimed); `"zero"`: 0.
@@ -108,6 +115,13 @@ class LongRewardConfig:
         metadata={
             "help": "strict: only the paper's [[N]] / [[label]] / <statement> verdicts. lenient (a deviation, for weak "
             "judges): also 'Score: 7', '7/10', '[7]' at a line end, bare labels, numbered statement lists."
+        },
+    )
+    verdict_followup: bool = field(
+        default=False,
+        metadata={
+            "help": "A deviation for weak judges: continue an unparseable answer with the verdict cue of the prompt's "
+            "examples ('Score: [[') for a few greedy tokens before re-sampling. Needs an in-process or vLLM judge."
         },
     )
     score_max_tokens: int = field(default=512, metadata={"help": "Judge output budget of 0-10 scoring calls."})

@@ -52,6 +52,7 @@ class ReferenceRater:
             max_attempts=config.max_attempts,
             first_temperature=config.first_temperature,
             retry_temperature=config.retry_temperature,
+            verdict_followup=config.verdict_followup,
             prompt_dir=config.prompt_dir if own else None,
         )
 

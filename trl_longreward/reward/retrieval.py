@@ -34,12 +34,18 @@ class TokenChunker:
 
     def __init__(self, tokenizer: Any | None = None) -> None:
         if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
-            raise ValueError("TokenChunker needs a fast tokenizer (offset mapping); pass one or None for the regex tokenizer.")
+            raise ValueError(
+                "TokenChunker needs a fast tokenizer (offset mapping); pass one or None for the regex tokenizer."
+            )
         self.tokenizer = tokenizer
 
     @property
     def name(self) -> str:
-        return "regex" if self.tokenizer is None else getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
+        return (
+            "regex"
+            if self.tokenizer is None
+            else getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__)
+        )
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         if self.tokenizer is None:

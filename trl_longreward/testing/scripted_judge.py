@@ -109,7 +109,10 @@ class ScriptedLongRewardJudge:
     """A `Responder` for `ScriptedOpenAIServer`: (messages, request body) -> judge text.
 
     `garbage_below_temperature`: answer without any verdict while the request's temperature is below this value (tests
-    the re-sampling path: the first, cold try fails and a hot re-sample succeeds). `calls` counts answers per task.
+    the re-sampling path: the first, cold try fails and a hot re-sample succeeds). `verdict_only_when_continued`: a weak
+    judge that never ends a new answer with its verdict, but completes it when its answer is continued after a verdict
+    cue (a request whose last message is the assistant's, as `verdict_followup` sends). `calls` counts answers per
+    task.
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class ScriptedLongRewardJudge:
         completeness: Callable[[str, str, str], float] = rule_completeness,
         reference: Callable[[str, str, str], float] = rule_reference,
         garbage_below_temperature: float | None = None,
+        verdict_only_when_continued: bool = False,
     ) -> None:
         self.rules = {
             "helpfulness": helpfulness,
@@ -134,15 +138,33 @@ class ScriptedLongRewardJudge:
             "reference_rating": reference,
         }
         self.garbage_below_temperature = garbage_below_temperature
+        self.verdict_only_when_continued = verdict_only_when_continued
         self.calls: dict[str, int] = dict.fromkeys(self.rules, 0)
 
     def __call__(self, messages: list[dict], body: dict) -> str:
+        if messages and messages[-1].get("role") == "assistant":
+            return self.continuation(messages[0]["content"], messages[-1]["content"])
         prompt = messages[-1]["content"]
         task = detect_task(prompt)
         self.calls[task] += 1
-        if self.garbage_below_temperature is not None and body.get("temperature", 0.0) < self.garbage_below_temperature:
+        if self.verdict_only_when_continued:
+            return "Let me think about this carefully. The answer has some merit."
+        if (
+            self.garbage_below_temperature is not None
+            and body.get("temperature", 0.0) < self.garbage_below_temperature
+        ):
             return "Let me think about this carefully. The answer has some merit."
         return self.answer(task, prompt)
+
+    def continuation(self, prompt: str, partial: str) -> str:
+        """The rest of the scripted answer after `partial` (the judge's text plus a verdict cue): after an opening
+        `[[` the verdict and its closing brackets (`8]]`), otherwise the whole scripted answer."""
+        task = detect_task(prompt)
+        self.calls[task] += 1
+        full = self.answer(task, prompt)
+        if partial.endswith("[[") and "[[" in full:
+            return full.rsplit("[[", 1)[1]
+        return full
 
     def answer(self, task: str, prompt: str) -> str:
         rule = self.rules[task]
