@@ -56,10 +56,13 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads spin while they wait; on a shared CPU they then steal the cores that the judge's and the
-# policy's token-by-token decoding need (measured: 5-10x slower decoding with two busy processes on two cores).
+# Several processes on one machine (e.g. 2 CPU ranks): idle OpenMP threads spin while they wait and steal the cores
+# that the other process's token-by-token decoding needs (measured: 5-10x slower decoding with two busy processes on
+# two cores), so they must sleep instead. One process alone keeps OpenMP's default (spin briefly, then sleep):
+# PASSIVE there made SmolLM2's decoding 1.6x slower (8 rows, 1k-token prompts: 195 vs 119 ms per token).
 # Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -99,19 +102,19 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "long_reward": {
         "judge_backend": "transformers",
-        # One sampled try per judge call (paper: greedy first, up to 5 tries): tries cost ~10 s each on 2 cores and
-        # SmolLM2's greedy answers almost never hold a verdict, so the demo spends its one try on a sampled answer.
-        # Measured on the first two steps: max_attempts 2 scores 3 of 4 answers and forms a pair each step (1 try: 1 of 4,
-        # no pair), but makes about twice the judge calls.
+        # One sampled try per judge call (paper: greedy first, up to 5 tries): a try costs seconds on 2 cores.
         "max_attempts": 1,
         "first_temperature": 0.95,
-        # SmolLM2 writes "Score: 6", "[Score: 6]" or "Output [10]" instead of "[[6]]": read those too (a deviation,
-        # see LongRewardConfig.verdict_parsing); without it almost no call parses and no pair forms.
+        # SmolLM2 rarely ends its answer with the paper's "[[6]]": its answer is continued greedily after the verdict
+        # cue of the prompt's worked examples ("Score: [[", a few tokens; a deviation, see
+        # LongRewardConfig.verdict_followup), and its verdicts are also read in the forms it writes instead
+        # ("Score: 6", "Output [10]"; verdict_parsing: lenient, a deviation). Without them no pair forms.
+        "verdict_followup": True,
         "verdict_parsing": "lenient",
-        "score_max_tokens": 96,
-        "break_max_tokens": 112,
-        "check_max_tokens": 48,
-        "extract_max_tokens": 128,
+        "score_max_tokens": 32,
+        "break_max_tokens": 64,
+        "check_max_tokens": 32,
+        "extract_max_tokens": 64,
         "max_statements": 1,
         # Notes are extracted from 1024-token chunks (paper: 4096): attention on a CPU costs the square of the chunk
         # length, and one 4096-token extraction batch alone took over 5 minutes on 2 cores.

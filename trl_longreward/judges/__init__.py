@@ -56,7 +56,7 @@ def build_judge(config: LongRewardConfig) -> Judge:
     if config.judge_backend == "transformers":
         from .transformers_judge import TransformersJudge
 
-        return TransformersJudge(config.judge_model)
+        return TransformersJudge(config.judge_model, max_batch_size=config.judge_max_concurrency)
     from .vllm_judge import VLLMJudge
 
     if not config.judge_model:

@@ -43,6 +43,8 @@ class TransformersJudge(BatchingJudge):
         tokenizer: a tokenizer or its path; default: loaded from the model's path. It is used as is (never mutated),
             so the caller may share it with the reward's chunker.
         max_batch_size: the most requests in one `generate` call.
+        batch_wait_s: how long to wait for more requests once one arrived (a batch costs seconds, so waiting 50 ms
+            for the other requests of the same reward step costs little and saves a whole decoding pass).
         device: where to run; default: the loaded model's device, or CUDA if available for a model loaded here.
         dtype: weights dtype for a model loaded here; default float32 on CPU, the checkpoint's dtype on GPU.
         max_input_tokens: the longest prompt accepted, in tokens; default: the model's context window minus the
@@ -58,6 +60,7 @@ class TransformersJudge(BatchingJudge):
         tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
         *,
         max_batch_size: int = 8,
+        batch_wait_s: float = 0.05,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         max_input_tokens: int | None = None,
@@ -65,7 +68,7 @@ class TransformersJudge(BatchingJudge):
         prefix_cache_size: int = 8,
         min_prefix_tokens: int = 64,
     ) -> None:
-        super().__init__(max_batch_size=max_batch_size)
+        super().__init__(max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from trl_longreward.models import DEFAULT_MODEL_NAME, check_model_source, default_model_path
@@ -175,7 +178,7 @@ class TransformersJudge(BatchingJudge):
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, width - len(ids) :] = 1
-        cache = self._prefilled(prompts)
+        cache = self._prefilled(prompts, max(budgets))
         self.prefix_stats["prompt_tokens"] += sum(len(ids) for ids in prompts)
 
         config = copy.deepcopy(self.model.generation_config)
@@ -209,7 +212,7 @@ class TransformersJudge(BatchingJudge):
 
     # --- prefix cache --------------------------------------------------------------------------------------------
 
-    def _prefilled(self, prompts: list[list[int]]) -> Any:
+    def _prefilled(self, prompts: list[list[int]], max_new_tokens: int) -> Any:
         """The batch's KV cache of every prompt but its last token (left-padded with masked zeros), or None to let
         `generate` prefill the left-padded batch itself (prefix caching off, or a model it does not apply to).
 
@@ -242,7 +245,7 @@ class TransformersJudge(BatchingJudge):
                 return None
             self.prefix_stats["cached_tokens"] += matched if base is not None else 0
             rows.append(kv)
-        return _left_padded_cache(rows)
+        return _left_padded_cache(rows, self.model.config, max_new_tokens)
 
     def _best_entry(self, ids: list[int], limit: int) -> tuple[tuple[int, ...] | None, int]:
         best_key, best = None, 0
@@ -311,12 +314,17 @@ def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _left_padded_cache(rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> Any:
-    """One DynamicCache holding every row's keys and values, left-padded with zeros (masked) to the longest row."""
-    from transformers import DynamicCache
+def _left_padded_cache(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], config: Any, max_new_tokens: int) -> Any:
+    """One cache holding every row's keys and values, left-padded with zeros (masked) to the longest row.
+
+    A `StaticCache` with room for the new tokens: decoding writes each token in place, where a `DynamicCache` copies
+    the whole cache at every step (measured on 2 CPU cores, SmolLM2, 17 rows of 1.7k tokens: 360 vs 465 ms per token,
+    same tokens).
+    """
+    from transformers import StaticCache
 
     width = max(row[0][0].shape[2] for row in rows)
-    layers = []
+    cache = StaticCache(config=config, max_cache_len=width + max_new_tokens)
     for layer in range(len(rows[0])):
         keys, values = [], []
         for row in rows:
@@ -324,8 +332,8 @@ def _left_padded_cache(rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> A
             pad = width - k.shape[2]
             keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
             values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
-        layers.append((torch.cat(keys), torch.cat(values)))
-    return DynamicCache(ddp_cache_data=layers)
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache
 
 
 def _row_budgets(budgets: list[int], prompt_width: int) -> Any:

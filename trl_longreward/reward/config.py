@@ -30,7 +30,7 @@ class LongRewardConfig:
         judge_api_key_env (`str`): Name of the environment variable holding the API key (sent to every replica). The
             key itself is never a config value, so it can never be written to a saved config, checkpoint or model card.
         judge_max_concurrency (`int`): Judge calls in flight at once per endpoint (per process): n replicas take up
-            to n times this many.
+            to n times this many. For the in-process transformers judge: the most requests in one `generate` call.
         judge_endpoint_cooldown (`float`): Seconds a failed judge replica stays out of rotation before one call
             probes it again.
         judge_timeout (`float`): Seconds before one HTTP judge call times out.
@@ -88,7 +88,10 @@ class LongRewardConfig:
         metadata={"help": "Environment variable holding the judge API key (the key is never stored)."},
     )
     judge_max_concurrency: int = field(
-        default=32, metadata={"help": "Judge calls in flight at once per judge endpoint (per process)."}
+        default=32,
+        metadata={
+            "help": "Judge calls in flight at once per judge endpoint (per process); in-process transformers: batch size."
+        },
     )
     judge_endpoint_cooldown: float = field(
         default=30.0,
