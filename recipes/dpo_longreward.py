@@ -15,14 +15,16 @@ How it deviates from the paper:
 - The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), answers of at most 48
   tokens, English rows only, learning rate 5e-6 (paper: 1e-6; a few steps would barely move the weights), small judge
   budgets and 1024-token notes chunks for completeness (paper: 4096), so that it finishes on a CPU. SmolLM2-135M is a
-  very weak judge: it rarely writes the `[[N]]` verdict, so its verdicts are also read in the forms it writes
-  (`verdict_parsing: lenient`; paper: strict), an answer counts as scored when any dimension is
-  (`max_missing_dimensions: 3`; paper: all four), and most steps still form no pair (the report shows why).
+  very weak judge: it rarely ends an answer with the `[[N]]` verdict, so an answer without one is continued after the
+  verdict cue of the prompt's examples for a few greedy tokens (`verdict_followup`; paper: re-sample the whole
+  answer), its verdicts are also read in the forms it writes (`verdict_parsing: lenient`; paper: strict), one sampled
+  try is made per call (paper: up to 5), and an answer counts as scored when any dimension is
+  (`max_missing_dimensions: 3`; paper: all four). Its scores are noise; the demo shows the machinery, not a judge.
 - The prompts, score clipping, caching and failure handling deviate as listed in the README.
 
 Launch commands:
 
-    # CPU demo, no arguments (SmolLM2-135M-Instruct policy + in-process judge, bundled data, ~18 min on 2 cores):
+    # CPU demo, no arguments (SmolLM2-135M-Instruct policy + in-process judge, bundled data, ~10 min on 2 cores):
     python recipes/dpo_longreward.py                 # or: accelerate launch recipes/dpo_longreward.py
     # the same, written out as a config file:
     python recipes/dpo_longreward.py --config recipes/configs/cpu_demo.yaml
@@ -77,8 +79,8 @@ from trl_longreward.trainer import LongContextDPOConfig  # noqa: E402
 
 DEMO_OUTPUT_DIR = "runs/dpo_longreward-smollm2"
 
-# Budgets of the no-argument demo: three steps measured at 12.7 min on 2 CPU cores, plus two held-out judgings
-# (see `demo_defaults`).
+# Budgets of the no-argument demo: three steps and two held-out judgings, 9 min 51 s in all on 2 CPU cores (measured,
+# every step formed a pair; see `demo_defaults`).
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": DEMO_OUTPUT_DIR,
     "dtype": "float32",
