@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# The demo's judge budgets (recipes/configs/cpu_demo.yaml), greedy, one try, no verdict follow-up: the same work twice.
+# Small judge budgets as in the CPU demo (a little larger), greedy, one try, no verdict follow-up: the same work twice.
 DEMO_BUDGETS = {
     "score_max_tokens": 64,
     "break_max_tokens": 96,
