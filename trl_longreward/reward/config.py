@@ -55,8 +55,9 @@ class LongRewardConfig:
             verdict line of the prompt's worked examples ("Score: [[", "Verdict: [[", "Output:") with a few tokens,
             and the continued answer is parsed before any re-sample. It costs a short prefill-mostly call instead of
             a whole new answer. Needs a backend that continues a final assistant message: the in-process transformers
-            and vLLM judges, or `vllm serve` (the request carries `continue_final_message`); another server may
-            answer in a new turn, which then rarely parses, and the call goes on to its re-samples as without it.
+            and vLLM judges, or `vllm serve` (the request carries `continue_final_message`). Other servers answer in a
+            new turn (`transformers serve` 5.23 always does), which rarely parses; the call then goes on to its
+            re-samples as without the follow-up.
         zero_statement_policy (`str`): Faithfulness of a response with no factual statement. `"exclude"` (default):
             faithfulness is not applicable, the reward is the mean of the other dimensions (as FactScore leaves
             abstaining answers out of precision); `"full"`: 10 (nothing unsupported was claimed); `"zero"`: 0.
