@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .rows_io import check_judge_answered, load_rows, resume_jsonl
+from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, resume_jsonl
 
 
 @dataclass
@@ -122,6 +122,7 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
                 check_judge_answered(reward, before, rows=f"rows {indices[0]}-{indices[-1]} of --input", output=output)
                 for index, judgement in zip(indices, judgements, strict=True):
                     record = {"index": index, **judgement.to_dict()}
+                    record["judge_errors"] = judge_error_dimensions(judgement.trace)  # judged again on resume
                     if not args.traces:
                         record.pop("trace")
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -138,6 +139,14 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
 def summarize(output: Path, dimensions: Sequence[str]) -> dict[str, Any]:
     records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
     summary: dict[str, Any] = {"rows": len(records)}
+    failed = sum(1 for r in records if r.get("judge_errors"))
+    if failed:
+        summary["rows_with_judge_errors"] = failed
+        print(
+            f"{failed} rows have dimensions whose judge call failed (see judge_errors in {output}); rerun the same "
+            "command to judge them again: the calls that were answered come from the cache.",
+            file=sys.stderr,
+        )
     for name in [*dimensions, "reward"]:
         values = [r["reward"] if name == "reward" else r["scores"].get(name) for r in records]
         present = [v for v in values if v is not None]

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from .reward import LongRewardConfig
 from .reward.inputs import message_text
-from .rows_io import check_judge_answered, load_rows, resume_jsonl
+from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, resume_jsonl
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_DIR = "pairs"
@@ -357,6 +357,8 @@ def _judge_group(
                 "scores": [j.scores for j in scored],
                 "status": [j.status for j in scored],
                 "selection": asdict(selection),
+                # dimensions whose judge call failed for some sample: the prompt is judged again on resume
+                "judge_errors": sorted({d for j in scored for d in judge_error_dimensions(j.trace)}),
             }
         )
     return records

@@ -38,24 +38,37 @@ def _is_blank(path: Path) -> bool:
 
 
 def resume_jsonl(output: Path) -> set[int]:
-    """Indices already judged. A line cut short by a crash is dropped (rewritten atomically) and judged again; its
-    judge calls come from the cache."""
+    """Indices already judged for good. Dropped (the file rewritten atomically) and judged again: a line cut short by
+    a crash, and a line recording a judge error (`judge_errors`: dimensions whose judge call failed, e.g. the server
+    went down mid-run). Their judge calls that were answered come from the cache, so only the failed ones are paid
+    for again. An unparseable verdict is an answer, not an error: it stays (a rerun would read the same cached text)."""
     done: set[int] = set()
     if not output.exists():
         return done
     kept: list[str] = []
-    damaged = False
+    dropped = False
     for line in output.read_text(encoding="utf-8").splitlines():
         try:
-            done.add(int(json.loads(line)["index"]))
-            kept.append(line)
+            record = json.loads(line)
+            index = int(record["index"])
         except (ValueError, KeyError, TypeError):
-            damaged = True
-    if damaged:
+            dropped = True
+            continue
+        if isinstance(record, dict) and record.get("judge_errors"):
+            dropped = True
+            continue
+        done.add(index)
+        kept.append(line)
+    if dropped:
         tmp = output.with_name(output.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, output)
     return done
+
+
+def judge_error_dimensions(trace: dict[str, Any]) -> list[str]:
+    """The dimensions of a judgement trace whose judge call failed (not: answered without a parseable verdict)."""
+    return [name for name, part in trace.items() if _first_judge_error(part) is not None]
 
 
 def _first_judge_error(value: Any) -> str | None:
