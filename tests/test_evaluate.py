@@ -247,3 +247,51 @@ def test_bad_arguments_fail_before_any_model_or_judge_is_used(tmp_path: Path, se
             ]
         )
     assert server.num_chat_requests == 0
+
+
+def _write_known_answers(tmp_path: Path) -> tuple[Path, Path]:
+    """The bundled-style input file and an output directory whose answers.jsonl already holds ANSWERS."""
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"context": CONTEXT, "question": QUESTION, "answer": GOOD}) + "\n" for _ in range(3))
+    )
+    out = tmp_path / "eval"
+    out.mkdir()
+    settings = EvaluateArguments(model=["x"], output_dir=str(out)).generation_settings()
+    with (out / ANSWERS_FILE).open("w") as sink:
+        for model, texts in ANSWERS.items():
+            for index, text in enumerate(texts):
+                record = {"model": model, "index": index, "answer": text, "generation": settings}
+                sink.write(json.dumps({**record, "prompt_sha256": prompt_digest(CONTEXT, QUESTION)}) + "\n")
+    return rows, out
+
+
+def test_failed_judge_calls_are_judged_again_by_the_rerun_and_a_dead_judge_stops_before_writing(
+    tmp_path: Path, script: ScriptedLongRewardJudge, capsys: pytest.CaptureFixture
+) -> None:
+    rows, out = _write_known_answers(tmp_path)
+    args = ["--model", "model-a", "model-b", "--input", rows, "--output_dir", out, "--max_missing_dimensions", "1"]
+
+    with ScriptedOpenAIServer(script) as dead:
+        dead.set_down(True)
+        with pytest.raises(RuntimeError, match="answered none of the"):
+            evaluate(dead, capsys, *args, "--judge_max_retries", "0")
+    assert not (out / JUDGED_FILE).exists() or not (out / JUDGED_FILE).read_text().strip()
+
+    def no_logicality(messages, body):
+        if "logical quality" in messages[-1]["content"]:
+            raise RuntimeError("logicality replica down")
+        return script(messages, body)
+
+    with ScriptedOpenAIServer(no_logicality) as flaky:
+        evaluate(flaky, capsys, *args, "--judge_max_retries", "0")
+    judged = read_jsonl(out / JUDGED_FILE)
+    assert len(judged) == 6 and all(r["judge_errors"] == ["logicality"] for r in judged)
+
+    with ScriptedOpenAIServer(script) as healthy:
+        _, _, run = evaluate(healthy, capsys, *args)
+    # all six answers judged again; only the logicality calls of the 3 distinct answers reach the judge
+    assert run["new_judgements"] == 6 and run["judge_calls"] == 3
+    latest = {(r["model"], r["index"]): r for r in read_jsonl(out / JUDGED_FILE)}
+    assert all(r["judge_errors"] == [] for r in latest.values())
+    assert latest[("model-a", 0)]["reward"] == pytest.approx(REWARD[GOOD])

@@ -19,8 +19,10 @@ Written to `--output_dir`:
 - `judge_cache.sqlite`: every judge call.
 
 Resumable: answers already in `answers.jsonl` are not generated again and answers already in `judged.jsonl` are not
-judged again, so a finished evaluation reruns without loading a model or calling the judge; a judged line that is lost
-is judged again from the cache. Resuming with other generation settings or another input is refused.
+judged again, so a finished evaluation reruns without loading a model or calling the judge; a judged line that is lost,
+or one with a failed judge call (`judge_errors`), is judged again, its answered calls from the cache. A judge that
+answers no call of a batch stops the run before anything is written for it. Resuming with other generation settings or
+another input is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, Literal
 from .answering import generate_answers, load_model
 from .pairs_builder import check_prompt_columns, context_and_question
 from .reward import LongRewardConfig
-from .rows_io import load_rows
+from .rows_io import check_judge_answered, judge_error_dimensions, load_rows
 
 ANSWERS_FILE = "answers.jsonl"
 JUDGED_FILE = "judged.jsonl"
@@ -367,8 +369,8 @@ def _needs_judging(
         return True
     if record.get("judge") != _judge_identity(args, config):
         return True
-    if args.long_reward and "reward" not in record:
-        return True
+    if args.long_reward and ("reward" not in record or record.get("judge_errors")):
+        return True  # never judged, or a judge call failed (the answered calls come from the cache)
     return bool(args.reference_column) and (record.get("reference") or {}).get("column") != args.reference_column
 
 
@@ -403,12 +405,16 @@ def _judge(
                     for n, (m, i) in enumerate(batch)
                 ]
                 if args.long_reward:
+                    before = reward.runner.counters.totals()
                     judgements = reward.score(
                         completions=texts, **{config.context_column: contexts, config.question_column: questions}
                     )
+                    # a judge that answered no call at all: stop before writing lines that would look judged
+                    check_judge_answered(reward, before, rows=f"{len(batch)} answers", output=path)
                     for record, judgement in zip(records, judgements, strict=True):
                         data = judgement.to_dict()
                         record.update({k: data[k] for k in ("reward", "scores", "status", "trace")})
+                        record["judge_errors"] = judge_error_dimensions(judgement.trace)
                 if rater is not None and references is not None:
                     refs = [references[i] for _, i in batch]
                     for record, ref, rating in zip(records, refs, rater.rate(questions, refs, texts), strict=True):
