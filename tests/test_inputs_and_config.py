@@ -20,7 +20,9 @@ def test_prompt_is_split_into_context_and_question():
 
 
 def test_known_question_is_cut_from_the_end_of_the_prompt():
-    (sample,) = resolve_samples(["The doc.\nWho? Answer briefly."], ["x"], {"question": ["Who? Answer briefly."]}, **KW)
+    (sample,) = resolve_samples(
+        ["The doc.\nWho? Answer briefly."], ["x"], {"question": ["Who? Answer briefly."]}, **KW
+    )
     assert sample.context == "The doc."
 
 
@@ -99,7 +101,9 @@ def test_openai_judge_without_endpoint_says_how_to_point_it():
 
 def test_api_key_is_not_a_config_value_and_not_described(monkeypatch):
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-canary-123")
-    config = LongRewardConfig(judge_base_url="http://127.0.0.1:9/v1", judge_model="m", judge_api_key_env="MY_JUDGE_KEY")
+    config = LongRewardConfig(
+        judge_base_url="http://127.0.0.1:9/v1", judge_model="m", judge_api_key_env="MY_JUDGE_KEY"
+    )
     judge = build_judge(config)
     assert "sk-canary-123" not in repr(vars(config))
     assert "sk-canary-123" not in repr(judge.describe()) and "sk-canary-123" not in repr(vars(judge))

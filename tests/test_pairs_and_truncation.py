@@ -53,7 +53,9 @@ def test_middle_truncation_keeps_head_and_tail(tokenizer):
     assert TRUNCATION_MARKER in kept and "middle200 " not in kept
     head, tail = kept.split(TRUNCATION_MARKER)
     assert context.startswith(head) and context.endswith(tail)
-    n = len(tokenizer(head, add_special_tokens=False)["input_ids"]) + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    n = len(tokenizer(head, add_special_tokens=False)["input_ids"]) + len(
+        tokenizer(tail, add_special_tokens=False)["input_ids"]
+    )
     assert n == 40
 
 

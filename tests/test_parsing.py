@@ -47,7 +47,9 @@ def test_parse_support(text, expected):
 
 
 def test_parse_statements_keeps_order_and_normalises_whitespace():
-    text = "Here they are:\n<statement>The dam is 40 m\n high.</statement>\n<statement> It opened in 1950. </statement>"
+    text = (
+        "Here they are:\n<statement>The dam is 40 m\n high.</statement>\n<statement> It opened in 1950. </statement>"
+    )
     assert parse_statements(text) == ["The dam is 40 m high.", "It opened in 1950."]
 
 

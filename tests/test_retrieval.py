@@ -76,7 +76,12 @@ def test_top_k_ties_prefer_earlier_chunks_and_small_documents_return_everything(
 
 
 def test_bm25_finds_the_lexically_matching_chunk_including_cjk():
-    chunks = ["the barrier was built in 1998", "willows and oaks were planted", "北京是中国的首都", "floods every spring"]
+    chunks = [
+        "the barrier was built in 1998",
+        "willows and oaks were planted",
+        "北京是中国的首都",
+        "floods every spring",
+    ]
     index = BM25Retriever().index(chunks)
     assert index.top_k(["when was the barrier built"], 1) == [[0]]
     assert index.top_k(["中国首都"], 1) == [[2]]

@@ -62,7 +62,10 @@ def test_inprocess_smollm2_judge_scores_end_to_end_and_reuses_the_cache(judge, t
     # "auto" chunking uses the in-process judge's own tokenizer.
     assert reward.services.chunker.tokenizer is judge.tokenizer
     judgements = reward.score(
-        prompts=[DOCUMENT + "\n\n" + QUESTION] * 2, completions=ANSWERS, context=[DOCUMENT] * 2, question=[QUESTION] * 2
+        prompts=[DOCUMENT + "\n\n" + QUESTION] * 2,
+        completions=ANSWERS,
+        context=[DOCUMENT] * 2,
+        question=[QUESTION] * 2,
     )
     _check_judgements(judgements, reward)
     assert judge.stats.requests == reward.stats()["judge_calls"]
@@ -74,7 +77,10 @@ def test_inprocess_smollm2_judge_scores_end_to_end_and_reuses_the_cache(judge, t
     requests_before = judge.stats.requests
     again = LongRewardFunction(judge=judge, cache_path=cache, **BUDGETS)
     second = again.score(
-        prompts=[DOCUMENT + "\n\n" + QUESTION] * 2, completions=ANSWERS, context=[DOCUMENT] * 2, question=[QUESTION] * 2
+        prompts=[DOCUMENT + "\n\n" + QUESTION] * 2,
+        completions=ANSWERS,
+        context=[DOCUMENT] * 2,
+        question=[QUESTION] * 2,
     )
     assert judge.stats.requests == requests_before and again.stats()["judge_calls"] == 0
     assert [j.scores for j in second] == [j.scores for j in judgements]

@@ -159,7 +159,10 @@ def test_max_missing_dimensions(server, make_reward):
 def test_trace_has_statements_passages_and_verdicts(make_reward):
     (judgement,) = make_reward().score(**_rows(PARTLY_WRONG))
     faith = judgement.trace["faithfulness"]
-    assert faith["statements"] == ["The council built a flood barrier in 1998.", "The barrier was paid for by the king."]
+    assert faith["statements"] == [
+        "The council built a flood barrier in 1998.",
+        "The barrier was paid for by the king.",
+    ]
     assert [c["value"] for c in faith["checks"]] == [1.0, 0.0]
     assert all(c["passages"] == sorted(c["passages"]) for c in faith["checks"])
     assert "[[No support]]" in faith["checks"][1]["judge_outputs"][-1]
@@ -181,7 +184,9 @@ def test_conversational_inputs_and_prompt_splitting_match_columns(make_reward):
     reward = make_reward()
     from_columns = reward(**_rows(GOOD))
     conversational = reward(
-        prompts=[[{"role": "system", "content": "Be brief."}, {"role": "user", "content": CONTEXT + "\n\n" + QUESTION}]],
+        prompts=[
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": CONTEXT + "\n\n" + QUESTION}]
+        ],
         completions=[[{"role": "assistant", "content": GOOD}]],
     )
     plain = reward(prompts=[CONTEXT + "\n\n" + QUESTION], completions=[GOOD])
@@ -231,7 +236,10 @@ def test_embedding_retrieval_finds_the_support_deep_in_a_long_document(make_rewa
     context = filler + " The council built a flood barrier in 1998. " + filler
     reward = make_reward(retriever="embedding", faithfulness_chunk_tokens=32, dimensions=["faithfulness"])
     (judgement,) = reward.score(
-        prompts=None, completions=["The council built a flood barrier in 1998."], context=[context], question=[QUESTION]
+        prompts=None,
+        completions=["The council built a flood barrier in 1998."],
+        context=[context],
+        question=[QUESTION],
     )
     check = judgement.trace["faithfulness"]["checks"][0]
     assert len(check["passages"]) == 5 and check["passages"] == sorted(check["passages"])
