@@ -79,8 +79,8 @@ from trl_longreward.trainer import LongContextDPOConfig  # noqa: E402
 
 DEMO_OUTPUT_DIR = "runs/dpo_longreward-smollm2"
 
-# Budgets of the no-argument demo: three steps and two held-out judgings, 9 min 51 s in all on 2 CPU cores (measured,
-# every step formed a pair; see `demo_defaults`).
+# Budgets of the no-argument demo: three steps and two held-out judgings, 9 min 51 s and 10 min 43 s in all in two
+# runs on 2 CPU cores (every step formed a pair; see `demo_defaults`).
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": DEMO_OUTPUT_DIR,
     "dtype": "float32",
