@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from known_answers import CONTEXT, QUESTION
+from tiny_models import FOUR_HEADS, tiny_llama
 
 from trl_longreward.cli import main
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
@@ -39,29 +40,7 @@ PAIR_COLUMNS = {"prompt", "chosen", "rejected", "chosen_reward", "rejected_rewar
 
 def build_tiny_model(output_dir: Path, *, chat_template: bool = True) -> Path:
     """A 2-layer Llama from a config with SmolLM2's tokenizer, saved with the tokenizer to `output_dir`."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from trl_longreward.models import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
-    if not chat_template:
-        tokenizer.chat_template = None
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
+    return Path(tiny_llama(output_dir, chat_template=chat_template, **FOUR_HEADS))
 
 
 @pytest.fixture(scope="module")

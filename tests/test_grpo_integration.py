@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import FOUR_HEADS, tiny_llama
 
 from trl_longreward import LongRewardFunction, OpenAIJudge
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
@@ -64,35 +65,8 @@ def digest_score(question: str, response: str) -> float:
 
 
 def build_tiny_model(output_dir: Path) -> Path:
-    """A 2-layer Llama from a config with SmolLM2's tokenizer, saved with the tokenizer to `output_dir`."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from trl_longreward.models import default_model_path
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return output_dir
+    """A 2-layer Llama from a config with SmolLM2's tokenizer (eos as pad), saved to `output_dir`."""
+    return Path(tiny_llama(output_dir, pad_with_eos=True, **FOUR_HEADS))
 
 
 @pytest.fixture

@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for known_answers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for known_answers and tiny_models
 
 from known_answers import CONTEXT, QUESTION  # noqa: E402
+from tiny_models import FOUR_HEADS, tiny_llama  # noqa: E402
 
 from trl_longreward import LongRewardFunction, OpenAIJudge  # noqa: E402
-from trl_longreward.models import default_model_path  # noqa: E402
 from trl_longreward.trainer import LongContextDPOConfig, LongContextDPOTrainer  # noqa: E402
 
 QUESTIONS = [
@@ -59,26 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 def build_tiny_model(path: Path) -> Path:
     """Save a 2-layer Llama (seed 0, so identical on every rank) and SmolLM2's tokenizer to `path`."""
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return Path(tiny_llama(path, pad_with_eos=True, **FOUR_HEADS))
 
 
 def checksum(model: torch.nn.Module) -> dict[str, Any]:
