@@ -31,7 +31,8 @@ def generate_answers(
     """
     import torch
 
-    from .trainer.generation import _completion_ids, _left_pad, _unpack_cpu_4bit_weights
+    from .models import truncate_at_eos
+    from .trainer.generation import _left_pad, _unpack_cpu_4bit_weights
 
     if not prompt_ids:
         return []
@@ -64,7 +65,7 @@ def generate_answers(
                     **sampling,
                 )
                 for row in generated[:, input_ids.shape[1] :].tolist():
-                    ids = _completion_ids(row, eos_ids)
+                    ids = truncate_at_eos(row, eos_ids)
                     out.append(
                         {"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True).strip()}
                     )

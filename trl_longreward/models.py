@@ -37,6 +37,7 @@ COMPLETE_MARKER = "CONVERSION_COMPLETE.json"
 CONVERSION_VERSION = 2
 
 __all__ = [
+    "truncate_at_eos",
     "DEFAULT_MODEL_NAME",
     "SMOLLM2_INSTALL_COMMAND",
     "default_cache_dir",
@@ -44,6 +45,14 @@ __all__ = [
     "find_smollm2_gguf",
     "load_default_model",
 ]
+
+
+def truncate_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
+    """Generated token ids up to and including the first EOS (what `generate` puts after it is padding)."""
+    for i, token in enumerate(row):
+        if token in eos_ids:
+            return row[: i + 1]
+    return row
 
 
 def find_smollm2_gguf() -> Path:

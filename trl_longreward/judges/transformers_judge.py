@@ -27,6 +27,7 @@ import torch
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
 from trl_longreward.judges.local import BatchingJudge, BatchResult
+from trl_longreward.models import truncate_at_eos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -205,7 +206,7 @@ class TransformersJudge(BatchingJudge):
                 **extra,
             )
         generated = output[:, width:].cpu().tolist()
-        rows = [self._until_eos(row[:budget]) for row, budget in zip(generated, budgets, strict=True)]
+        rows = [truncate_at_eos(row[:budget], self._eos_ids) for row, budget in zip(generated, budgets, strict=True)]
         self.stats.add(completion_tokens=sum(len(row) for row in rows))
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [text.strip() for text in texts]
@@ -286,13 +287,6 @@ class TransformersJudge(BatchingJudge):
             self._prefixes = None
             return None
         return [(layer.keys, layer.values) for layer in layers]
-
-    def _until_eos(self, row: list[int]) -> list[int]:
-        """Generated tokens up to and including the first eos (the rest is padding)."""
-        for position, token in enumerate(row):
-            if token in self._eos_ids:
-                return row[: position + 1]
-        return row
 
     @contextlib.contextmanager
     def _rng_scope(self, sampling: bool, device: torch.device) -> Iterator[None]:

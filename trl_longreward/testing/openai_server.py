@@ -523,17 +523,12 @@ class ScriptedOpenAIServer:
         if fault == "disconnect":
             # Close the socket with no response at all: the client sees the connection drop mid-request.
             release(fault)
-            handler.close_connection = True
-            try:
-                handler.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _hang_up(handler)
             return
         if fault == "truncated":
             # Announce a full body, send half of it and close: the client sees the connection cut mid-response.
             release(fault)
             payload = json.dumps(self._completion(body.get("messages") or [], "[[5]]")).encode("utf-8")
-            handler.close_connection = True
             try:
                 handler.send_response(200)
                 handler.send_header("Content-Type", "application/json")
@@ -541,9 +536,9 @@ class ScriptedOpenAIServer:
                 handler.end_headers()
                 handler.wfile.write(payload[: len(payload) // 2])
                 handler.wfile.flush()
-                handler.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            _hang_up(handler)
             return
         if fault == "malformed":
             release(fault)
@@ -679,3 +674,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _hang_up(handler: Any) -> None:
+    """Close the client's connection at once (whatever was sent so far is all it gets)."""
+    handler.close_connection = True
+    try:
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

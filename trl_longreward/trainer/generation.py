@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from trl.models.utils import unwrap_model_for_generation
 
+from ..models import truncate_at_eos
+
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
@@ -22,14 +24,6 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
         mask[i, width - len(seq) :] = 1
     return ids, mask
-
-
-def _completion_ids(row: list[int], eos_ids: set[int]) -> list[int]:
-    """Generated tokens up to and including the first EOS (what follows is padding)."""
-    for i, token in enumerate(row):
-        if token in eos_ids:
-            return row[: i + 1]
-    return row
 
 
 @torch.no_grad()
@@ -88,7 +82,7 @@ def sample_responses(
             for i in range(len(chunk)):
                 per_prompt = []
                 for row in new_tokens[i * num_samples : (i + 1) * num_samples]:
-                    ids = _completion_ids(row, eos_ids)
+                    ids = truncate_at_eos(row, eos_ids)
                     per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
                 out.append(per_prompt)
     finally:
@@ -176,7 +170,7 @@ def vllm_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str
     for i in range(len(rows)):
         per_prompt = []
         for ids in completion_ids[i * k : (i + 1) * k]:
-            ids = _completion_ids(list(ids), eos_ids)
+            ids = truncate_at_eos(list(ids), eos_ids)
             per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
         out.append(per_prompt)
     return out
