@@ -15,7 +15,8 @@ import pytest
 import torch
 from datasets import Dataset
 from known_answers import CONTEXT, QUESTION
-from tiny_models import tiny_llama
+from tiny_models import prompts_dataset as train_prompts
+from tiny_models import small_dpo_config, tiny_llama
 from transformers import TrainerCallback
 
 from trl_longreward import (
@@ -66,28 +67,8 @@ def eval_prompts() -> Dataset:
     return Dataset.from_list([{"context": CONTEXT, "question": q} for q in EVAL_QUESTIONS])
 
 
-def train_prompts(n: int = 4) -> Dataset:
-    return Dataset.from_list([{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(n)])
-
-
 def dpo_config(tmp_path: Path, **overrides: Any) -> LongContextDPOConfig:
-    values: dict[str, Any] = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        per_device_train_batch_size=2,
-        max_steps=3,
-        num_samples=2,
-        max_new_tokens=12,
-        max_prompt_length=256,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        learning_rate=1e-2,
-        seed=0,
-    )
-    values.update(overrides)
-    return LongContextDPOConfig(**values)
+    return small_dpo_config(tmp_path / "out", **{"num_samples": 2, "max_new_tokens": 12, **overrides})
 
 
 def eval_entries(trainer: Any) -> list[dict[str, Any]]:

@@ -57,30 +57,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_known_answers_give_the_exact_table_win_rates_and_reference_ratings(
-    tmp_path: Path, server: ScriptedOpenAIServer, script: ScriptedLongRewardJudge, capsys: pytest.CaptureFixture
-) -> None:
+def _write_known_answers(tmp_path: Path) -> tuple[Path, Path]:
+    """The bundled-style input file and an output directory whose answers.jsonl already holds ANSWERS."""
     rows = tmp_path / "qa.jsonl"
     rows.write_text(
-        "".join(
-            json.dumps({"context": CONTEXT, "question": QUESTION, "answer": GOOD}) + "\n" for _ in ANSWERS["model-a"]
-        )
+        "".join(json.dumps({"context": CONTEXT, "question": QUESTION, "answer": GOOD}) + "\n" for _ in range(3))
     )
     out = tmp_path / "eval"
     out.mkdir()
-    # Answers already in answers.jsonl are not generated again: these "models" are not even loadable.
     settings = EvaluateArguments(model=["x"], output_dir=str(out)).generation_settings()
     with (out / ANSWERS_FILE).open("w") as sink:
         for model, texts in ANSWERS.items():
             for index, text in enumerate(texts):
-                record = {
-                    "model": model,
-                    "index": index,
-                    "answer": text,
-                    "generation": settings,
-                    "prompt_sha256": prompt_digest(CONTEXT, QUESTION),
-                }
-                sink.write(json.dumps(record) + "\n")
+                record = {"model": model, "index": index, "answer": text, "generation": settings}
+                sink.write(json.dumps({**record, "prompt_sha256": prompt_digest(CONTEXT, QUESTION)}) + "\n")
+    return rows, out
+
+
+def test_known_answers_give_the_exact_table_win_rates_and_reference_ratings(
+    tmp_path: Path, server: ScriptedOpenAIServer, script: ScriptedLongRewardJudge, capsys: pytest.CaptureFixture
+) -> None:
+    # Answers already in answers.jsonl are not generated again: these "models" are not even loadable.
+    rows, out = _write_known_answers(tmp_path)
 
     stdout, _, run = evaluate(
         server,
@@ -247,23 +245,6 @@ def test_bad_arguments_fail_before_any_model_or_judge_is_used(tmp_path: Path, se
             ]
         )
     assert server.num_chat_requests == 0
-
-
-def _write_known_answers(tmp_path: Path) -> tuple[Path, Path]:
-    """The bundled-style input file and an output directory whose answers.jsonl already holds ANSWERS."""
-    rows = tmp_path / "qa.jsonl"
-    rows.write_text(
-        "".join(json.dumps({"context": CONTEXT, "question": QUESTION, "answer": GOOD}) + "\n" for _ in range(3))
-    )
-    out = tmp_path / "eval"
-    out.mkdir()
-    settings = EvaluateArguments(model=["x"], output_dir=str(out)).generation_settings()
-    with (out / ANSWERS_FILE).open("w") as sink:
-        for model, texts in ANSWERS.items():
-            for index, text in enumerate(texts):
-                record = {"model": model, "index": index, "answer": text, "generation": settings}
-                sink.write(json.dumps({**record, "prompt_sha256": prompt_digest(CONTEXT, QUESTION)}) + "\n")
-    return rows, out
 
 
 def test_failed_judge_calls_are_judged_again_by_the_rerun_and_a_dead_judge_stops_before_writing(

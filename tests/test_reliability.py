@@ -30,16 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from datasets import Dataset
 from known_answers import CONTEXT, GOOD, QUESTION
 from known_answers import rows as known_rows
-from tiny_models import tiny_llama
+from tiny_models import prompts_dataset, tiny_llama
+from tiny_models import small_dpo_config as dpo_config
 from transformers import TrainerCallback
 
 from trl_longreward import (
     DIMENSIONS,
     JudgeUnavailableError,
-    LongContextDPOConfig,
     LongContextDPOTrainer,
     LongRewardConfig,
     LongRewardFunction,
@@ -168,32 +167,6 @@ def free_port() -> int:
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 2-layer Llama built from a config with SmolLM2's tokenizer, shared by the module's training tests."""
     return tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
-
-
-def prompts_dataset(n: int = 4) -> Dataset:
-    """`n` prompts about the known document (context + question columns), each a little different."""
-    return Dataset.from_list([{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(n)])
-
-
-def dpo_config(output_dir: Path, **overrides: Any) -> LongContextDPOConfig:
-    """A small CPU training config (2 prompts x 4 samples per step, 16 new tokens) with `overrides`."""
-    values: dict[str, Any] = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        per_device_train_batch_size=2,
-        max_steps=3,
-        num_samples=4,
-        max_new_tokens=16,
-        max_prompt_length=256,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        learning_rate=1e-2,
-        seed=0,
-    )
-    values.update(overrides)
-    return LongContextDPOConfig(**values)
 
 
 class OnStepEnd(TrainerCallback):
@@ -392,8 +365,9 @@ def test_judge_outage_for_max_judge_outage_steps_checkpoints_stops_and_resumes(m
         checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         assert checkpoints, f"no checkpoint in {sorted(p.name for p in out.iterdir())}"
         checkpoint = checkpoints[-1]
+        # step 1 judged, the next 3 steps failed: the 3rd failure (during optimizer step 4, global_step 3) saves
         step = int(checkpoint.name.split("-")[1])
-        assert 1 <= step <= 4 and (checkpoint / "trainer_state.json").is_file()
+        assert step == 3 and (checkpoint / "trainer_state.json").is_file()
         message = str(stopped.value)
         assert server.base_url in message, message  # names the endpoint
         assert "resume_from_checkpoint" in message and checkpoint.name in message, message  # and how to resume
@@ -1000,7 +974,7 @@ def test_two_training_ranks_and_the_cli_share_one_judge_within_their_limits(tmp_
     # in flight together.
     assert server.max_in_flight_by_client.keys() == limits.keys()
     for client, limit in limits.items():
-        assert 1 <= server.max_in_flight_by_client[client] <= limit, server.max_in_flight_by_client
+        assert server.max_in_flight_by_client[client] <= limit, server.max_in_flight_by_client
     assert 3 <= server.max_in_flight <= sum(limits.values())
 
     # No request was lost: each was answered or met an injected fault (and was retried); every logical judge call

@@ -6,9 +6,10 @@ import pytest
 import torch
 from datasets import Dataset
 from known_answers import CONTEXT, QUESTION
-from tiny_models import tiny_llama
+from tiny_models import prompts_dataset as _dataset
+from tiny_models import small_dpo_config, tiny_llama
 
-from trl_longreward import LongContextDPOConfig, LongContextDPOTrainer, LongRewardFunction, OpenAIJudge
+from trl_longreward import LongContextDPOTrainer, LongRewardFunction, OpenAIJudge
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
 from trl_longreward.trainer.prompts import prepare_prompt_dataset
@@ -30,28 +31,8 @@ def judge_server():
         yield server
 
 
-def _dataset(n=4):
-    return Dataset.from_list([{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(n)])
-
-
 def _config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        per_device_train_batch_size=2,
-        max_steps=3,
-        num_samples=4,
-        max_new_tokens=16,
-        max_prompt_length=256,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        learning_rate=1e-2,
-        seed=0,
-    )
-    values.update(overrides)
-    return LongContextDPOConfig(**values)
+    return small_dpo_config(tmp_path / "out", **overrides)
 
 
 def _reward(server, tmp_path, **overrides):

@@ -1,13 +1,18 @@
-"""Tiny Llama models built from a config, with the real SmolLM2 tokenizer, for fast training tests."""
+"""Tiny Llama models built from a config, with the real SmolLM2 tokenizer, and the small CPU training setup that the
+trainer, callback and reliability tests share."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from datasets import Dataset
+from known_answers import CONTEXT, QUESTION
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from trl_longreward.models import default_model_path
+from trl_longreward.trainer import LongContextDPOConfig
 
 
 def tiny_llama(
@@ -53,3 +58,29 @@ def tiny_llama(
 
 # The 4-head model the build-pairs, GRPO and two-rank training tests use (their expectations were set on it).
 FOUR_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+
+
+def prompts_dataset(n: int = 4) -> Dataset:
+    """n prompts over the known document (each with its own record number, so no two prompts are the same)."""
+    return Dataset.from_list([{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(n)])
+
+
+def small_dpo_config(output_dir: Path | str, **overrides: Any) -> LongContextDPOConfig:
+    """A small CPU training config (2 prompts x 4 samples per step, 16 new tokens, 3 steps) with `overrides`."""
+    values: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        per_device_train_batch_size=2,
+        max_steps=3,
+        num_samples=4,
+        max_new_tokens=16,
+        max_prompt_length=256,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        learning_rate=1e-2,
+        seed=0,
+    )
+    values.update(overrides)
+    return LongContextDPOConfig(**values)
