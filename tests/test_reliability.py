@@ -530,6 +530,7 @@ def test_kill_9_mid_step_then_resume_repeats_no_judge_call_and_makes_the_same_pa
             switch.passthrough = True
             answered = {fingerprint(body) for body in switch.answered}
             held = {fingerprint(body) for body in switch.held}
+            held_bodies = {fingerprint(body): body for body in switch.held}
             num_answered = len(switch.answered)
         switch.release.set()
         resume_from = len(server.requests)
@@ -563,7 +564,8 @@ def test_kill_9_mid_step_then_resume_repeats_no_judge_call_and_makes_the_same_pa
     assert any(isinstance(pair, list) for record in after_resume for pair in record["pairs"])
     # No judge call answered before the kill was paid for again; every held one was asked again.
     assert answered and held and not answered & set(resumed_bodies)
-    assert held <= set(resumed_bodies)
+    missing = [held_bodies[f] for f in held - set(resumed_bodies)]
+    assert not missing, json.dumps(missing, indent=1)[:6000]
     # Exactly the calls not committed before the kill: the reference's calls minus those answered before it.
     assert len(resumed_bodies) == reference_calls - num_answered
     assert integrity(run_dir / "judge_cache.sqlite") == "ok"

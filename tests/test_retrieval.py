@@ -87,6 +87,16 @@ def test_bm25_finds_the_lexically_matching_chunk_including_cjk():
     assert index.top_k(["中国首都"], 1) == [[2]]
 
 
+def test_bm25_query_without_index_tokens_matches_nothing_and_keeps_document_order():
+    # A statement of stopwords or punctuation only ("It is.", "...") has no BM25 tokens; bm25s alone raises on it.
+    chunks = ["the barrier was built in 1998", "willows and oaks were planted", "floods every spring"]
+    index = BM25Retriever().index(chunks)
+    scores = index.scores(["it is the one", "...", "oaks"])
+    assert scores.shape == (3, 3)
+    assert not scores[:2].any() and scores[2, 1] > 0
+    assert index.top_k(["it is the one", "oaks", "!?"], 2) == [[0, 1], [0, 1], [0, 1]]
+
+
 def test_sentence_transformer_embeddings_are_normalised_and_semantic():
     embedder = SentenceTransformerEmbedder()
     vectors = embedder.embed(["a cat sat on the mat", "stock markets fell sharply"])

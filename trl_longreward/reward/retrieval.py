@@ -232,7 +232,11 @@ class _BM25Index(RetrievalIndex):
         tokenized = self._bm25s.tokenize(
             list(queries), token_pattern=_BM25_TOKEN_PATTERN, stopwords="en", show_progress=False, return_ids=False
         )
-        return np.stack([np.asarray(self.model.get_scores(tokens), dtype=np.float32) for tokens in tokenized])
+        # A query of stopwords only has no tokens: it matches no chunk (bm25s itself fails on an empty query).
+        empty = np.zeros(len(self.chunks), dtype=np.float32)
+        return np.stack(
+            [np.asarray(self.model.get_scores(tokens), dtype=np.float32) if tokens else empty for tokens in tokenized]
+        )
 
 
 class BM25Retriever(Retriever):
