@@ -530,8 +530,6 @@ def test_kill_9_mid_step_then_resume_repeats_no_judge_call_and_makes_the_same_pa
             switch.passthrough = True
             answered = {fingerprint(body) for body in switch.answered}
             held = {fingerprint(body) for body in switch.held}
-            held_bodies = {fingerprint(body): body for body in switch.held}
-            num_answered = len(switch.answered)
         switch.release.set()
         resume_from = len(server.requests)
         resumed = start(
@@ -543,7 +541,8 @@ def test_kill_9_mid_step_then_resume_repeats_no_judge_call_and_makes_the_same_pa
             name: finish(p, tmp_path / f"{name}.log") for name, p in (("reference", reference), ("resumed", resumed))
         }
         resumed_bodies = [fingerprint(body) for body in server.requests[resume_from:]]
-        reference_calls = reference_server.num_chat_requests
+        reference_bodies = [fingerprint(body) for body in reference_server.requests]
+        bodies = {fingerprint(body): body for body in [*server.requests, *reference_server.requests]}
     finally:
         for child in children:
             kill_group(child)
@@ -562,12 +561,23 @@ def test_kill_9_mid_step_then_resume_repeats_no_judge_call_and_makes_the_same_pa
     # The resumed run drew the same samples, got the same rewards and made the same pairs as the uninterrupted one.
     assert after_resume == expected[1:]
     assert any(isinstance(pair, list) for record in after_resume for pair in record["pairs"])
-    # No judge call answered before the kill was paid for again; every held one was asked again.
+    # No judge call answered before the kill was paid for again, and none was asked twice.
     assert answered and held and not answered & set(resumed_bodies)
-    missing = [held_bodies[f] for f in held - set(resumed_bodies)]
-    assert not missing, json.dumps(missing, indent=1)[:6000]
-    # Exactly the calls not committed before the kill: the reference's calls minus those answered before it.
-    assert len(resumed_bodies) == reference_calls - num_answered
+    assert len(resumed_bodies) == len(set(resumed_bodies))
+    # Exactly the calls not committed before the kill: the uninterrupted run's calls minus those answered before it
+    # (compared as request bodies, so a request from anywhere else cannot stand in for one of the run's own).
+    assert len(reference_bodies) == len(set(reference_bodies))
+    expected_calls = set(reference_bodies) - answered
+    assert set(resumed_bodies) == expected_calls, {
+        "asked, not expected": [
+            bodies[f]["messages"][-1]["content"][-300:] for f in set(resumed_bodies) - expected_calls
+        ],
+        "expected, not asked": [
+            bodies[f]["messages"][-1]["content"][-300:] for f in expected_calls - set(resumed_bodies)
+        ],
+    }
+    # The kill left calls of the run pending, and those were asked again.
+    assert held & set(reference_bodies) and held & set(reference_bodies) <= set(resumed_bodies)
     assert integrity(run_dir / "judge_cache.sqlite") == "ok"
 
 
