@@ -66,6 +66,10 @@ class LongRewardConfig:
             be scored (default 1.0: all of them; a mean over a subset is never passed off as the score).
         max_statements (`int` or `None`): Cap on statements checked per response (cost guard); `None` = no cap.
         completeness_chunk_tokens (`int`): Chunk size of the per-chunk relevant-information extraction.
+        completeness_max_notes_tokens (`int` or `None`): Largest notes the scoring call is given (default 16384
+            tokens). Longer notes (a document far longer than the paper's, relevant everywhere) are condensed by
+            running the extraction prompt again over groups of notes, so the call fits the judge's window; `None`
+            never condenses (the paper). A deviation that applies only past the cap.
     """
 
     judge_backend: Literal["openai", "transformers", "vllm"] = field(
@@ -145,6 +149,10 @@ class LongRewardConfig:
     )
     max_statements: int | None = field(default=None, metadata={"help": "Cap on statements checked per response."})
     completeness_chunk_tokens: int = field(default=4096, metadata={"help": "Chunk size of the notes extraction."})
+    completeness_max_notes_tokens: int | None = field(
+        default=16384,
+        metadata={"help": "Notes longer than this are condensed before scoring completeness (None: never)."},
+    )
     retriever: Literal["embedding", "openai", "bm25"] = field(
         default="embedding",
         metadata={"help": "embedding (sentence-transformers), openai (/v1/embeddings endpoint) or bm25 (lexical)."},
@@ -224,6 +232,11 @@ class LongRewardConfig:
         for name in ("first_temperature", "retry_temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.completeness_max_notes_tokens is not None and self.completeness_max_notes_tokens < 1:
+            raise ValueError(
+                "completeness_max_notes_tokens must be >= 1, or None to never condense the notes; got "
+                f"{self.completeness_max_notes_tokens}."
+            )
         if self.max_statements is not None and self.max_statements < 1:
             raise ValueError(f"max_statements must be >= 1, or None for no cap; got {self.max_statements}.")
         parse_base_urls(self.judge_base_url, name="judge_base_url")  # a malformed URL fails here, not mid-training
