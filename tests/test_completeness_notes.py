@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from trl_longreward import LongRewardConfig, LongRewardFunction
-from trl_longreward.judges import OpenAIJudge
+from trl_longreward.judges import OpenAIJudge, build_judge
 from trl_longreward.reward.dimensions.completeness import NotesBlock, group_blocks, position_label, render_notes
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge, rule_extract, sentences
@@ -34,8 +34,8 @@ def condensing_extract(question: str, chunk: str) -> list[str]:
     return [f"Inspections {min(numbers)}-{max(numbers)} of the flood barrier found cracks."]
 
 
-def reward_for(server: ScriptedOpenAIServer, **options) -> LongRewardFunction:
-    judge = OpenAIJudge("scripted-judge", server.base_url, max_retries=0)
+def reward_for(server: ScriptedOpenAIServer, context_window: int | None = None, **options) -> LongRewardFunction:
+    judge = OpenAIJudge("scripted-judge", server.base_url, max_retries=0, context_window=context_window)
     return LongRewardFunction(
         judge=judge,
         retriever="bm25",
@@ -59,7 +59,11 @@ def test_notes_are_grouped_in_document_order_and_labelled_with_their_span() -> N
 
 
 @pytest.mark.timeout(300)
-def test_notes_over_the_cap_are_condensed_so_the_scoring_call_fits_the_window(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "cap", [{"completeness_max_notes_tokens": 1500}, {"context_window": WINDOW}], ids=["set-cap", "judge-window"]
+)
+def test_notes_over_the_cap_are_condensed_so_the_scoring_call_fits_the_window(tmp_path, cap: dict) -> None:
+    """The cap is set (1500 tokens), or follows from the judge's known window (3000 -> at most 1500 of notes)."""
     judge = ScriptedLongRewardJudge(extract=condensing_extract)
     with ScriptedOpenAIServer(judge, max_context_tokens=WINDOW) as server:
         # The paper's way (no cap): the notes do not fit the window, the judge refuses the scoring call.
@@ -70,14 +74,14 @@ def test_notes_over_the_cap_are_condensed_so_the_scoring_call_fits_the_window(tm
         server.reset_counters()
 
         cache = str(tmp_path / "judge_cache.sqlite")
-        capped = reward_for(server, completeness_max_notes_tokens=1500, cache_path=cache)
+        capped = reward_for(server, cache_path=cache, **cap)
         (judgement,) = capped.score(prompts=None, completions=[RESPONSE], context=[DOCUMENT], question=[QUESTION])
         capped.close()
         outcomes = Counter(entry["outcome"] for entry in server.request_log)
         scoring_prompt = server.requests[-1]["messages"][-1]["content"]
         server.reset_counters()
 
-        again = reward_for(server, completeness_max_notes_tokens=1500, cache_path=cache)
+        again = reward_for(server, cache_path=cache, **cap)
         (rerun,) = again.score(prompts=None, completions=[RESPONSE], context=[DOCUMENT], question=[QUESTION])
         again.close()
         rerun_requests = server.num_chat_requests
@@ -123,6 +127,14 @@ def test_notes_that_do_not_shrink_make_completeness_missing_with_the_reason() ->
     assert extract_calls == trace["num_chunks"] + sum(r["groups"] for r in trace["condensed"])
 
 
-def test_the_cap_is_validated() -> None:
+def test_the_cap_and_the_window_are_validated() -> None:
     with pytest.raises(ValueError, match="completeness_max_notes_tokens must be >= 1, or None"):
         LongRewardConfig(completeness_max_notes_tokens=0)
+    with pytest.raises(ValueError, match="judge_context_window must be >= 1"):
+        LongRewardConfig(judge_context_window=-5)
+    assert (
+        build_judge(
+            LongRewardConfig(judge_base_url="http://127.0.0.1:1/v1", judge_model="m", judge_context_window=8192)
+        ).context_window
+        == 8192
+    )

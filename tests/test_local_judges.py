@@ -210,6 +210,8 @@ def test_transformers_judge_too_long_input_is_a_judge_error(smollm2_judge) -> No
     results = judge.generate([too_long, _prompt("What is the capital of France?", max_tokens=16)])
     assert isinstance(results[0], JudgeError) and "window" in str(results[0])
     assert "Paris" in results[1]
+    # The window it enforces is the one it reports (the completeness notes are sized from it).
+    assert judge.context_window == judge.model.config.max_position_embeddings == 8192
 
 
 @pytest.mark.slow

@@ -52,6 +52,7 @@ def build_judge(config: LongRewardConfig) -> Judge:
             timeout=config.judge_timeout,
             max_retries=config.judge_max_retries,
             endpoint_cooldown=config.judge_endpoint_cooldown,
+            context_window=config.judge_context_window,
         )
     if config.judge_backend == "transformers":
         from .transformers_judge import TransformersJudge

@@ -97,6 +97,12 @@ class Judge(ABC):
     def __init__(self) -> None:
         self.stats = JudgeStats()
 
+    @property
+    def context_window(self) -> int | None:
+        """The judge's context window in tokens (prompt + answer) when known, else None. The completeness
+        dimension keeps its notes to at most half of it."""
+        return None
+
     @abstractmethod
     async def agenerate(self, requests: Sequence[ChatRequest]) -> list[str | JudgeError]:
         """Answer every request; a request that failed for good yields a `JudgeError` in its slot."""

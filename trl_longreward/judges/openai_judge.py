@@ -40,6 +40,8 @@ class OpenAIJudge(Judge):
         max_retries: transport retries of the client, per endpoint.
         extra_body: extra JSON fields of every request.
         endpoint_cooldown: seconds a failed endpoint stays out of rotation before it is probed again.
+        context_window: the served model's context window in tokens, if known (None: unknown); used to size the
+            completeness notes.
 
     Transport failures (429 honouring `Retry-After`, 5xx, timeouts, dropped connections) are retried by the client
     itself with exponential backoff; a 200 whose body is not JSON is retried here. Both draw on one budget of
@@ -69,8 +71,12 @@ class OpenAIJudge(Judge):
         max_retries: int = 5,
         extra_body: dict | None = None,
         endpoint_cooldown: float = 30.0,
+        context_window: int | None = None,
     ) -> None:
         super().__init__()
+        if context_window is not None and context_window < 1:
+            raise ValueError(f"context_window must be >= 1 tokens, or None when unknown; got {context_window}.")
+        self._context_window = context_window
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}.")
         if endpoint_cooldown < 0:
@@ -88,6 +94,10 @@ class OpenAIJudge(Judge):
         self.endpoint_cooldown = endpoint_cooldown
         self._loop: asyncio.AbstractEventLoop | None = None
         self.base_url = base_url  # parsed and checked by the setter
+
+    @property
+    def context_window(self) -> int | None:
+        return self._context_window
 
     # ----- endpoints -----
 

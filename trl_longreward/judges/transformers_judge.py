@@ -126,6 +126,12 @@ class TransformersJudge(BatchingJudge):
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "device": str(self.model.device), "dtype": str(self.model.dtype)}
 
+    @property
+    def context_window(self) -> int | None:
+        if self.max_input_tokens is not None:
+            return self.max_input_tokens
+        return self._window
+
     def _input_limit(self, request: ChatRequest) -> int | None:
         if self.max_input_tokens is not None:
             return self.max_input_tokens

@@ -37,6 +37,10 @@ class VLLMJudge(BatchingJudge):
         self.model_id = model
         self._max_model_len = _max_model_len(self.llm)
 
+    @property
+    def context_window(self) -> int | None:
+        return self._max_model_len
+
     def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
         """`LLM.chat` (one call per kind of request); prompts too long for the model fail alone, not the batch."""
         results: BatchResult = [""] * len(requests)

@@ -35,6 +35,9 @@ class LongRewardConfig:
             probes it again.
         judge_timeout (`float`): Seconds before one HTTP judge call times out.
         judge_max_retries (`int`): Transport retries (429, 5xx, timeouts, connection errors) with exponential backoff.
+        judge_context_window (`int` or `None`): The HTTP judge's context window in tokens, if known (e.g. vLLM's
+            `--max-model-len`); completeness notes are then kept to half of it. In-process judges read it from the
+            model.
 
         > Pipelines
 
@@ -67,9 +70,10 @@ class LongRewardConfig:
         max_statements (`int` or `None`): Cap on statements checked per response (cost guard); `None` = no cap.
         completeness_chunk_tokens (`int`): Chunk size of the per-chunk relevant-information extraction.
         completeness_max_notes_tokens (`int` or `None`): Largest notes the scoring call is given (default 16384
-            tokens). Longer notes (a document far longer than the paper's, relevant everywhere) are condensed by
-            running the extraction prompt again over groups of notes, so the call fits the judge's window; `None`
-            never condenses (the paper). A deviation that applies only past the cap.
+            tokens, and at most half the judge's context window when it is known). Longer notes (a document far
+            longer than the paper's, relevant everywhere) are condensed by running the extraction prompt again over
+            groups of notes, so the call fits the judge's window; `None` never condenses (the paper). A deviation
+            that applies only past the cap.
     """
 
     judge_backend: Literal["openai", "transformers", "vllm"] = field(
@@ -105,6 +109,10 @@ class LongRewardConfig:
     judge_timeout: float = field(default=300.0, metadata={"help": "Seconds before an HTTP judge call times out."})
     judge_max_retries: int = field(
         default=5, metadata={"help": "Transport retries with backoff on 429/5xx/timeouts/connection errors."}
+    )
+    judge_context_window: int | None = field(
+        default=None,
+        metadata={"help": "HTTP judge's context window in tokens, if known; completeness notes stay within half."},
     )
     dimensions: list[str] = field(
         default_factory=lambda: list(DIMENSIONS), metadata={"help": "Dimensions to score (subset of the four)."}
@@ -232,6 +240,8 @@ class LongRewardConfig:
         for name in ("first_temperature", "retry_temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.judge_context_window is not None and self.judge_context_window < 1:
+            raise ValueError(f"judge_context_window must be >= 1 tokens, or None; got {self.judge_context_window}.")
         if self.completeness_max_notes_tokens is not None and self.completeness_max_notes_tokens < 1:
             raise ValueError(
                 "completeness_max_notes_tokens must be >= 1, or None to never condense the notes; got "

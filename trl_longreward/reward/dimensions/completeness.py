@@ -9,13 +9,14 @@
 If any chunk's extraction fails for good, completeness is missing for every response to that prompt: a score from
 partial notes would look like a real one.
 
-Deviation (only beyond the paper's scale): when the notes exceed `completeness_max_notes_tokens` (default 16384; a
-document of a few hundred thousand tokens whose chunks all hold relevant information), the scoring call would not fit
-a judge's window. The notes are then condensed the way the document was: consecutive notes are grouped into
-`completeness_chunk_tokens`-token groups, the extraction prompt is run on each group (same template, the notes as the
-chunk), and each group's answer is labelled with the span of the document its notes came from. This repeats (at most
-`MAX_CONDENSE_ROUNDS` times) until the notes fit; notes that still do not fit make completeness missing, with the reason
-in the trace. Under the cap (every document of the paper's length) nothing changes.
+Deviation (only beyond the paper's scale): when the notes exceed `completeness_max_notes_tokens` (default 16384, and
+at most half the judge's context window when that is known), the scoring call would not fit the judge's window: a
+document of a few hundred thousand tokens, relevant throughout. The notes are then condensed the way the document
+was: consecutive notes are grouped into `completeness_chunk_tokens`-token groups, the extraction prompt is run on each
+group (same template, the notes as the chunk), and each group's answer is labelled with the span of the document its
+notes came from. This repeats (at most `MAX_CONDENSE_ROUNDS` times) until the notes fit; notes that still do not fit,
+or stop shrinking, make completeness missing, with the reason in the trace. Under the cap (every document of the
+paper's length) nothing changes.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class CompletenessScorer(DimensionScorer):
         """Notes that fit `completeness_max_notes_tokens`, condensed round by round (see the module docstring);
         records each round in `extraction["condensed"]` and a failure in `extraction["error"]`."""
         cap = self.config.completeness_max_notes_tokens
+        window = getattr(self.runner.judge, "context_window", None)
+        if cap is not None and window:
+            cap = min(cap, window // 2)  # the rest: the template, the response and the verdict
         count = self.services.chunker.count_tokens
         previous = None
         for round_index in range(MAX_CONDENSE_ROUNDS + 1):
@@ -122,8 +126,9 @@ class CompletenessScorer(DimensionScorer):
             if round_index == MAX_CONDENSE_ROUNDS or stuck:
                 extraction["error"] = (
                     f"the notes are {used} tokens after {round_index} condensing rounds, more than "
-                    f"completeness_max_notes_tokens={cap}; raise it (if the judge's window allows) or "
-                    "completeness_chunk_tokens"
+                    f"the cap of {cap} (completeness_max_notes_tokens={self.config.completeness_max_notes_tokens}, "
+                    f"judge context window {window}); lower completeness_chunk_tokens or extract_max_tokens, or use "
+                    "a judge with a longer window"
                 )
                 return blocks
             groups = group_blocks(blocks, sizes, self.config.completeness_chunk_tokens)
