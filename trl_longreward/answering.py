@@ -31,8 +31,7 @@ def generate_answers(
     """
     import torch
 
-    from .models import truncate_at_eos
-    from .trainer.generation import _left_pad, _unpack_cpu_4bit_weights
+    from .models import left_pad, truncate_at_eos, unpack_cpu_4bit_weights
 
     if not prompt_ids:
         return []
@@ -55,7 +54,7 @@ def generate_answers(
         with torch.no_grad():
             for start in range(0, len(prompt_ids), batch_size):
                 chunk = [list(ids) for ids in prompt_ids[start : start + batch_size]]
-                input_ids, attention_mask = _left_pad(chunk, pad_id)
+                input_ids, attention_mask = left_pad(chunk, pad_id)
                 generated = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -77,7 +76,7 @@ def generate_answers(
         elif config is not None:
             del config.use_cache
         if any(training for _, training in modes):
-            _unpack_cpu_4bit_weights(model)
+            unpack_cpu_4bit_weights(model)
     return out
 
 

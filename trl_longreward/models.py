@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,7 +37,9 @@ COMPLETE_MARKER = "CONVERSION_COMPLETE.json"
 CONVERSION_VERSION = 2
 
 __all__ = [
+    "left_pad",
     "truncate_at_eos",
+    "unpack_cpu_4bit_weights",
     "DEFAULT_MODEL_NAME",
     "SMOLLM2_INSTALL_COMMAND",
     "default_cache_dir",
@@ -53,6 +55,33 @@ def truncate_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
         if token in eos_ids:
             return row[: i + 1]
     return row
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids and attention mask of a batch of token lists (for decoder-only `generate`)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def unpack_cpu_4bit_weights(model: Any) -> None:
+    """Undo bitsandbytes' CPU inference packing of 4-bit weights before training resumes.
+
+    On CPU, a bitsandbytes `Linear4bit` in eval mode repacks its weight for a fast inference kernel that has no
+    backward; training through it afterwards silently yields no gradients (QLoRA adapters would never learn). The
+    inverse conversion is bitsandbytes' own (the one it applies before saving a state dict).
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
 def find_smollm2_gguf() -> Path:

@@ -13,17 +13,7 @@ from typing import Any
 import torch
 from trl.models.utils import unwrap_model_for_generation
 
-from ..models import truncate_at_eos
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[i, width - len(seq) :] = 1
-    return ids, mask
+from ..models import left_pad, truncate_at_eos, unpack_cpu_4bit_weights
 
 
 @torch.no_grad()
@@ -55,7 +45,7 @@ def sample_responses(
     try:
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start : start + batch_size]
-            input_ids, attention_mask = _left_pad(chunk, pad_id)
+            input_ids, attention_mask = left_pad(chunk, pad_id)
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             settings = dict(
                 do_sample=do_sample,
@@ -88,7 +78,7 @@ def sample_responses(
     finally:
         if was_training:
             model.train()
-            _unpack_cpu_4bit_weights(model)
+            unpack_cpu_4bit_weights(model)
     return out
 
 
@@ -107,22 +97,6 @@ def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     )
     cache = getattr(outputs, "past_key_values", None)
     return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
-
-
-def _unpack_cpu_4bit_weights(model: Any) -> None:
-    """Undo bitsandbytes' CPU inference packing of 4-bit weights before training resumes.
-
-    On CPU, a bitsandbytes `Linear4bit` in eval mode repacks its weight for a fast inference kernel that has no
-    backward; training through it afterwards silently yields no gradients (QLoRA adapters would never learn). The
-    inverse conversion is bitsandbytes' own (the one it applies before saving a state dict).
-    """
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
 def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
