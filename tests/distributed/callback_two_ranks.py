@@ -23,11 +23,11 @@ from datasets import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for known_answers and tiny_models
 
 from known_answers import CONTEXT, QUESTION  # noqa: E402
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import prompts_dataset, small_dpo_config, tiny_llama  # noqa: E402
 
 from trl_longreward import LongRewardFunction, OpenAIJudge  # noqa: E402
 from trl_longreward.callback import LongRewardCallback  # noqa: E402
-from trl_longreward.trainer import LongContextDPOConfig, LongContextDPOTrainer  # noqa: E402
+from trl_longreward.trainer import LongContextDPOTrainer  # noqa: E402
 
 EVAL_QUESTIONS = [QUESTION, "When did the town library open?", "What did farmers plant along the banks?"]
 
@@ -46,23 +46,15 @@ def main() -> None:
         return LongRewardFunction(judge=judge, retriever="bm25", chunk_tokenizer="regex")
 
     train_reward, eval_reward = reward("train"), reward("eval")
-    args = LongContextDPOConfig(
-        output_dir=str(out / "trainer"),
-        use_cpu=True,
+    args = small_dpo_config(
+        out / "trainer",
         ddp_backend="gloo",
         per_device_train_batch_size=1,
         max_steps=2,
         num_samples=2,
         max_new_tokens=8,
-        max_prompt_length=256,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        learning_rate=1e-2,
-        seed=0,
     )
-    prompts = Dataset.from_list([{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(4)])
+    prompts = prompts_dataset(4)
     trainer = LongContextDPOTrainer(model=model_path, args=args, train_dataset=prompts, reward_funcs=[train_reward])
     evaluation = Dataset.from_list([{"context": CONTEXT, "question": q} for q in EVAL_QUESTIONS])
     callback = LongRewardCallback(evaluation, reward=eval_reward, eval_steps=1, max_new_tokens=8)

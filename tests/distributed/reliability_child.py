@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for known_answers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
-from known_answers import CONTEXT, QUESTION  # noqa: E402
+from tiny_models import prompts_dataset, small_dpo_config  # noqa: E402
 
 NUM_PROMPTS = 6
 
@@ -67,10 +67,9 @@ class RecordingReward:
 
 
 def run_train(cli: argparse.Namespace) -> None:
-    from datasets import Dataset
     from transformers import TrainerCallback
 
-    from trl_longreward import LongContextDPOConfig, LongContextDPOTrainer, LongRewardConfig, LongRewardFunction
+    from trl_longreward import LongContextDPOTrainer, LongRewardConfig, LongRewardFunction
 
     out = Path(cli.output_dir)
     long_reward = {
@@ -81,23 +80,7 @@ def run_train(cli: argparse.Namespace) -> None:
         "chunk_tokenizer": "regex",
         "cache_path": str(out / "judge_cache.sqlite"),
     }
-    args = LongContextDPOConfig(
-        output_dir=str(out),
-        use_cpu=True,
-        per_device_train_batch_size=2,
-        max_steps=cli.max_steps,
-        num_samples=4,
-        max_new_tokens=16,
-        max_prompt_length=256,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="steps",
-        save_steps=1,
-        bf16=False,
-        learning_rate=1e-2,
-        seed=0,
-        long_reward=long_reward,
-    )
+    args = small_dpo_config(out, max_steps=cli.max_steps, save_strategy="steps", save_steps=1, long_reward=long_reward)
     reward = RecordingReward(LongRewardFunction(LongRewardConfig(**long_reward)))
     record_path = Path(cli.record)
 
@@ -121,9 +104,7 @@ def run_train(cli: argparse.Namespace) -> None:
                 sink.flush()
                 os.fsync(sink.fileno())
 
-    dataset = Dataset.from_list(
-        [{"context": CONTEXT + f" Record {i}.", "question": QUESTION} for i in range(NUM_PROMPTS)]
-    )
+    dataset = prompts_dataset(NUM_PROMPTS)
     trainer = LongContextDPOTrainer(
         model=cli.model, args=args, train_dataset=dataset, reward_funcs=[reward], callbacks=[StepRecord()]
     )

@@ -30,10 +30,10 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for known_answers and tiny_models
 
 from known_answers import CONTEXT, QUESTION  # noqa: E402
-from tiny_models import FOUR_HEADS, tiny_llama  # noqa: E402
+from tiny_models import FOUR_HEADS, small_dpo_config, tiny_llama  # noqa: E402
 
 from trl_longreward import LongRewardFunction, OpenAIJudge  # noqa: E402
-from trl_longreward.trainer import LongContextDPOConfig, LongContextDPOTrainer  # noqa: E402
+from trl_longreward.trainer import LongContextDPOTrainer  # noqa: E402
 
 QUESTIONS = [
     QUESTION,
@@ -117,21 +117,13 @@ def main() -> None:
     model_path = build_tiny_model(out / f"model-rank{rank}")
 
     dataset = Dataset.from_list([{"context": CONTEXT, "question": q} for q in QUESTIONS])
-    args = LongContextDPOConfig(
-        output_dir=str(out / "trainer"),
-        use_cpu=True,
+    args = small_dpo_config(
+        out / "trainer",
         ddp_backend="gloo",
         per_device_train_batch_size=cli.per_device_train_batch_size,
         max_steps=cli.max_steps,
         num_samples=cli.num_samples,
         max_new_tokens=8,
-        max_prompt_length=256,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        bf16=False,
-        learning_rate=1e-2,
-        seed=0,
     )
     judge = OpenAIJudge("scripted-judge", cli.judge_url, max_concurrency=8, extra_body={"user": f"rank-{rank}"})
     long_reward = LongRewardFunction(judge=judge, retriever="bm25", chunk_tokenizer="regex")
