@@ -38,7 +38,7 @@ from typing import Any, Literal
 from .answering import generate_answers, load_model
 from .pairs_builder import check_prompt_columns, context_and_question
 from .reward import LongRewardConfig
-from .rows_io import check_judge_answered, judge_error_dimensions, load_rows
+from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, prompt_groups
 
 ANSWERS_FILE = "answers.jsonl"
 JUDGED_FILE = "judged.jsonl"
@@ -297,23 +297,10 @@ def _answer(
     import torch
     from tqdm.auto import tqdm
 
-    from .trainer.prompts import prepare_prompt_dataset
-
     model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
     wanted = set(todo)
     # Groups never depend on what is done already, so a resumed sampled run draws the same answers.
-    starts = sorted({i // args.batch_size * args.batch_size for i in todo})
-    groups = [list(range(s, min(s + args.batch_size, len(rows)))) for s in starts]
-    needed = [i for group in groups for i in group]
-    prepared = prepare_prompt_dataset(
-        rows.select(needed),
-        tokenizer,
-        max_prompt_length=args.max_prompt_length,
-        context_column=config.context_column,
-        question_column=config.question_column,
-        separator=config.prompt_separator,
-    )
-    position = {index: pos for pos, index in enumerate(needed)}
+    groups, prepared, position = prompt_groups(rows, todo, args.batch_size, tokenizer, config, args.max_prompt_length)
     settings = args.generation_settings()
     written = 0
     try:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from .reward import LongRewardConfig
 from .reward.inputs import message_text
-from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, resume_jsonl
+from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, prompt_groups, resume_jsonl
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_DIR = "pairs"
@@ -233,13 +233,6 @@ def _policy_prompt(prompt: Any, tokenizer: Any) -> Any:
     return prompt
 
 
-def _groups(todo: list[int], batch_size: int, num_rows: int) -> list[list[int]]:
-    """Fixed generation groups [g*B, (g+1)*B) that hold a prompt still to do; they never depend on what is done,
-    so each group's seed always produces the same samples."""
-    starts = sorted({i // batch_size * batch_size for i in todo})
-    return [list(range(start, min(start + batch_size, num_rows))) for start in starts]
-
-
 def _generate_group(model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: BuildPairsArguments, first: int):
     """k samples for each prompt of a group, in one generate call seeded by the group's first index."""
     import torch
@@ -272,20 +265,9 @@ def _sample_and_judge(
     from tqdm.auto import tqdm
 
     from .reward import LongRewardFunction
-    from .trainer.prompts import prepare_prompt_dataset
 
     model, tokenizer = load_policy(args)
-    groups = _groups(todo, args.batch_size, len(rows))
-    needed = [i for group in groups for i in group]
-    prepared = prepare_prompt_dataset(
-        rows.select(needed),
-        tokenizer,
-        max_prompt_length=args.max_prompt_length,
-        context_column=config.context_column,
-        question_column=config.question_column,
-        separator=config.prompt_separator,
-    )
-    position = {index: pos for pos, index in enumerate(needed)}
+    groups, prepared, position = prompt_groups(rows, todo, args.batch_size, tokenizer, config, args.max_prompt_length)
     wanted = set(todo)
     reward = LongRewardFunction(config)
     counts: Counter = Counter()

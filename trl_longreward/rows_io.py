@@ -98,3 +98,28 @@ def check_judge_answered(reward: Any, before: dict[str, int], *, rows: str, outp
         f"error: {error} Fix the judge (is its server running? is --judge_base_url right?) and rerun the same "
         f"command: what {output} already holds is kept and not judged again."
     )
+
+
+def prompt_groups(
+    rows: Any, todo: list[int], batch_size: int, tokenizer: Any, config: Any, max_prompt_length: int | None
+) -> tuple[list[list[int]], Any, dict[int, int]]:
+    """The fixed generation groups [g*B, (g+1)*B) that hold a row still to do, their prompts tokenized, and each
+    row index's position among them: `(groups, prepared, position)`, so row i's prompt is `prepared[position[i]]`.
+
+    Groups never depend on what is done already, so a group's seed draws the same samples in a resumed run.
+    `config` is the `LongRewardConfig` that names the context/question columns and the prompt separator.
+    """
+    from .trainer.prompts import prepare_prompt_dataset
+
+    starts = sorted({i // batch_size * batch_size for i in todo})
+    groups = [list(range(start, min(start + batch_size, len(rows)))) for start in starts]
+    needed = [i for group in groups for i in group]
+    prepared = prepare_prompt_dataset(
+        rows.select(needed),
+        tokenizer,
+        max_prompt_length=max_prompt_length,
+        context_column=config.context_column,
+        question_column=config.question_column,
+        separator=config.prompt_separator,
+    )
+    return groups, prepared, {index: pos for pos, index in enumerate(needed)}
