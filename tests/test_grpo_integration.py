@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,14 +75,22 @@ def scripted_server() -> Iterator[tuple[ScriptedOpenAIServer, ScriptedLongReward
         yield server, script
 
 
-@pytest.mark.parametrize("face", ["sync", "async"])
-def test_grpo_trainer_trains_with_long_reward(
-    face: str, tmp_path: Path, scripted_server: tuple[ScriptedOpenAIServer, ScriptedLongRewardJudge]
+@pytest.mark.parametrize(
+    ("trainer_name", "face"),
+    [("GRPO", "sync"), ("GRPO", "async"), ("RLOO", "sync")],
+    ids=["grpo", "grpo-async", "rloo"],
+)
+def test_trl_online_trainers_train_with_long_reward(
+    trainer_name: str, face: str, tmp_path: Path, scripted_server: tuple[ScriptedOpenAIServer, ScriptedLongRewardJudge]
 ) -> None:
-    """`face="async"` passes `reward.as_async()`, which GRPO gathers on its own event loop."""
+    """TRL's GRPOTrainer and RLOOTrainer take the reward as `reward_funcs`; `face="async"` passes
+    `reward.as_async()`, which GRPO gathers on its own event loop."""
+    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import GRPOConfig, GRPOTrainer
+
+    config_class = getattr(trl, f"{trainer_name}Config")
+    trainer_class = getattr(trl, f"{trainer_name}Trainer")
 
     server, script = scripted_server
     model_dir = build_tiny_model(tmp_path / "tiny-llama")
@@ -100,8 +107,8 @@ def test_grpo_trainer_trains_with_long_reward(
     reward = LongRewardFunction(
         judge=OpenAIJudge("scripted-judge", server.base_url), retriever="bm25", completeness_chunk_tokens=64
     )
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "grpo"),
+    args = config_class(
+        output_dir=str(tmp_path / trainer_name.lower()),
         num_generations=2,
         per_device_train_batch_size=2,  # generation batch = 2 = one prompt group of num_generations per step
         max_completion_length=16,
@@ -117,16 +124,14 @@ def test_grpo_trainer_trains_with_long_reward(
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     reward_func = reward if face == "sync" else reward.as_async()
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward_func], args=args, train_dataset=dataset)
+    trainer = trainer_class(model=model, reward_funcs=[reward_func], args=args, train_dataset=dataset)
     assert trainer.reward_func_names == ["long_reward"]
     initial = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
 
-    start = time.perf_counter()
     try:
         trainer.train()
     finally:
         reward.close()
-    seconds = time.perf_counter() - start
 
     logs = [entry for entry in trainer.state.log_history if "rewards/long_reward/mean" in entry]
     assert len(logs) == 2, trainer.state.log_history
@@ -155,4 +160,3 @@ def test_grpo_trainer_trains_with_long_reward(
         name for name, moved in changed.items() if not moved and trainer.model.get_parameter(name).requires_grad
     ]
     assert not unchanged, f"parameters that did not change: {unchanged}"
-    assert seconds < 300, f"training took {seconds:.0f} s"
