@@ -14,6 +14,7 @@ import pytest
 
 from trl_longreward import LongRewardConfig, LongRewardFunction
 from trl_longreward.judges import OpenAIJudge, build_judge
+from trl_longreward.report import dimension_reasons
 from trl_longreward.reward.dimensions.completeness import NotesBlock, group_blocks, position_label, render_notes
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge, rule_extract, sentences
@@ -107,6 +108,9 @@ def test_notes_over_the_cap_are_condensed_so_the_scoring_call_fits_the_window(tm
     assert all(nxt[0] - prev[1] in (1, 2) for prev, nxt in zip(spans, spans[1:], strict=False))
     labels = re.findall(r"from (\d+)%-(\d+)% of the document", notes)
     assert labels[0][0] == "0" and labels[-1][1] == "100"
+    # The report says why the notes differ from the document's chunks.
+    reasons = dict((label, text) for label, text, _ in dimension_reasons(trace))
+    assert reasons["notes condensed, round 1"].endswith(f"condensed in {condensed['groups']} groups")
     # A rerun on the same cache pays for nothing and gives the same score.
     assert rerun_requests == 0 and rerun.scores == judgement.scores
 

@@ -431,6 +431,11 @@ def dimension_reasons(trace: dict[str, Any]) -> list[tuple[str, str, int]]:
         items.append(("notes extracted from the document", trace["notes"], _NOTES_CHARS))
     for n, call in enumerate(trace.get("extraction", [])):
         items.extend(_call_items(f"notes extraction, chunk {n + 1}", call))
+    for condensed in trace.get("condensed", []):
+        summary = (
+            f"{condensed['tokens_before']} tokens of notes over the cap, condensed in {condensed['groups']} groups"
+        )
+        items.append((f"notes condensed, round {condensed['round']}", summary, 200))
     if "break" in trace:
         statements = trace.get("statements")
         if statements is None:
