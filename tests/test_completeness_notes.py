@@ -11,6 +11,7 @@ import re
 from collections import Counter
 
 import pytest
+from transformers import HfArgumentParser
 
 from trl_longreward import LongRewardConfig, LongRewardFunction
 from trl_longreward.judges import OpenAIJudge, build_judge
@@ -68,7 +69,7 @@ def test_notes_over_the_cap_are_condensed_so_the_scoring_call_fits_the_window(tm
     judge = ScriptedLongRewardJudge(extract=condensing_extract)
     with ScriptedOpenAIServer(judge, max_context_tokens=WINDOW) as server:
         # The paper's way (no cap): the notes do not fit the window, the judge refuses the scoring call.
-        uncapped = reward_for(server, completeness_max_notes_tokens=None)
+        uncapped = reward_for(server, completeness_max_notes_tokens=0)
         (refused,) = uncapped.score(prompts=None, completions=[RESPONSE], context=[DOCUMENT], question=[QUESTION])
         uncapped.close()
         refusals = Counter(entry["outcome"] for entry in server.request_log)["too_long"]
@@ -132,8 +133,12 @@ def test_notes_that_do_not_shrink_make_completeness_missing_with_the_reason() ->
 
 
 def test_the_cap_and_the_window_are_validated() -> None:
-    with pytest.raises(ValueError, match="completeness_max_notes_tokens must be >= 1, or None"):
-        LongRewardConfig(completeness_max_notes_tokens=0)
+    with pytest.raises(ValueError, match=r"completeness_max_notes_tokens must be >= 1, or 0 \(or None\)"):
+        LongRewardConfig(completeness_max_notes_tokens=-1)
+    # On the command line, where an int option cannot be None, 0 turns condensing off.
+    parser = HfArgumentParser(LongRewardConfig)
+    (config,) = parser.parse_args_into_dataclasses(["--completeness_max_notes_tokens", "0"])
+    assert config.completeness_max_notes_tokens == 0
     with pytest.raises(ValueError, match="judge_context_window must be >= 1"):
         LongRewardConfig(judge_context_window=-5)
     assert (

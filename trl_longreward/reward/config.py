@@ -72,8 +72,8 @@ class LongRewardConfig:
         completeness_max_notes_tokens (`int` or `None`): Largest notes the scoring call is given (default 16384
             tokens, and at most half the judge's context window when it is known). Longer notes (a document far
             longer than the paper's, relevant everywhere) are condensed by running the extraction prompt again over
-            groups of notes, so the call fits the judge's window; `None` never condenses (the paper). A deviation
-            that applies only past the cap.
+            groups of notes, so the call fits the judge's window; 0 or `None` never condenses (the paper). A
+            deviation that applies only past the cap.
     """
 
     judge_backend: Literal["openai", "transformers", "vllm"] = field(
@@ -159,7 +159,7 @@ class LongRewardConfig:
     completeness_chunk_tokens: int = field(default=4096, metadata={"help": "Chunk size of the notes extraction."})
     completeness_max_notes_tokens: int | None = field(
         default=16384,
-        metadata={"help": "Notes longer than this are condensed before scoring completeness (None: never)."},
+        metadata={"help": "Notes longer than this are condensed before scoring completeness (0: never)."},
     )
     retriever: Literal["embedding", "openai", "bm25"] = field(
         default="embedding",
@@ -242,9 +242,9 @@ class LongRewardConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.judge_context_window is not None and self.judge_context_window < 1:
             raise ValueError(f"judge_context_window must be >= 1 tokens, or None; got {self.judge_context_window}.")
-        if self.completeness_max_notes_tokens is not None and self.completeness_max_notes_tokens < 1:
+        if self.completeness_max_notes_tokens is not None and self.completeness_max_notes_tokens < 0:
             raise ValueError(
-                "completeness_max_notes_tokens must be >= 1, or None to never condense the notes; got "
+                "completeness_max_notes_tokens must be >= 1, or 0 (or None) to never condense the notes; got "
                 f"{self.completeness_max_notes_tokens}."
             )
         if self.max_statements is not None and self.max_statements < 1:

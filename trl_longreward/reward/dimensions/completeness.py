@@ -110,7 +110,7 @@ class CompletenessScorer(DimensionScorer):
     ) -> list[NotesBlock]:
         """Notes that fit `completeness_max_notes_tokens`, condensed round by round (see the module docstring);
         records each round in `extraction["condensed"]` and a failure in `extraction["error"]`."""
-        cap = self.config.completeness_max_notes_tokens
+        cap = self.config.completeness_max_notes_tokens or None  # 0 or None: never condense (the paper)
         window = getattr(self.runner.judge, "context_window", None)
         if cap is not None and window:
             cap = min(cap, window // 2)  # the rest: the template, the response and the verdict
