@@ -286,3 +286,26 @@ def test_cli_serves_fixed_reply() -> None:
         assert proc.wait(timeout=5) == 0
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.parametrize("fault", ["disconnect", "truncated"])
+def test_cli_server_hangs_up_cleanly_on_a_connection_fault(fault: str) -> None:
+    """Run as a program (`python -m`), the server drops the connection for these faults without a traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trl_longreward.testing.openai_server", "--fault-rate", "1", "--faults", fault],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        with openai.OpenAI(base_url=base_url, api_key="test", max_retries=0) as client:
+            with pytest.raises(openai.APIConnectionError):
+                client.chat.completions.create(model="m", messages=MESSAGES)
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr

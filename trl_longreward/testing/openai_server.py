@@ -640,6 +640,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _hang_up(handler: Any) -> None:
+    """Close the client's connection at once (whatever was sent so far is all it gets)."""
+    handler.close_connection = True
+    try:
+        handler.connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve a fixed reply until SIGTERM or SIGINT; prints the base URL as the first stdout line."""
     args = _parse_args(argv)
@@ -674,12 +683,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _hang_up(handler: Any) -> None:
-    """Close the client's connection at once (whatever was sent so far is all it gets)."""
-    handler.close_connection = True
-    try:
-        handler.connection.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
