@@ -27,7 +27,7 @@ import torch
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
 from trl_longreward.judges.local import BatchingJudge, BatchResult
-from trl_longreward.models import truncate_at_eos
+from trl_longreward.models import left_pad, truncate_at_eos
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -179,12 +179,8 @@ class TransformersJudge(BatchingJudge):
         cached prefix, and `generate` starts from those rows' caches, left-padded to one length (masked)."""
         sampling = requests[0]
         budgets = [request.max_tokens for request in requests]
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = left_pad(prompts, self._pad_id)
+        width = input_ids.shape[1]
         cache = self._prefilled(prompts, max(budgets))
         self.prefix_stats["prompt_tokens"] += sum(len(ids) for ids in prompts)
 
