@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trl_longreward.generation import sample_responses
     from trl_longreward.models import default_model_path
-    from trl_longreward.trainer.generation import sample_responses
 
     work = Path(tempfile.mkdtemp())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_model_path())
@@ -62,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                     model,
                     tokenizer,
                     [prompt],
-                    num_samples=args.num_samples,
+                    num_generations=args.num_samples,
                     temperature=1.0,
                     top_p=1.0,
-                    max_new_tokens=args.max_new_tokens,
+                    max_completion_length=args.max_new_tokens,
                     shared_prefill=shared,
                 )
                 if args.device == "cuda":

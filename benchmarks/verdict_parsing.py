@@ -33,11 +33,11 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from trl_longreward.data import demo_score_path
+from trl_longreward.records import load_rows
 from trl_longreward.reward import LongRewardConfig, LongRewardFunction
 from trl_longreward.reward.dimensions.completeness import NO_NOTES, position_label
 from trl_longreward.reward.dimensions.faithfulness import format_passages
-from trl_longreward.reward.parsing import verdict_parsers
-from trl_longreward.rows_io import load_rows
+from trl_longreward.reward.verdicts import verdict_parsers
 
 READERS = {  # template -> which parser of a `VerdictParsers` reads its answers
     "helpfulness": "score",
@@ -139,7 +139,7 @@ def main() -> None:
         )
 
     try:
-        reward._loop_thread().run(run_all())
+        reward.run(run_all())
     finally:
         reward.close()
     if args.raw_output:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """LongReward online DPO: sample k answers per long-document question, judge them, train DPO on best vs worst.
 
-Each step, for every prompt (a long `context` and a `question`), the policy samples `num_samples` answers; an LLM
+Each step, for every prompt (a long `context` and a `question`), the policy samples `num_generations` answers; an LLM
 judge scores each on helpfulness, logicality, faithfulness and completeness (0-10; the reward is their mean); the
 best and the worst answer form a DPO pair and the policy takes a DPO + 0.1 x NLL(chosen) step on it
 (`LongContextDPOTrainer`, arXiv 2410.21252). At the end the model is saved to `output_dir` together with
@@ -20,11 +20,11 @@ How it deviates from the paper:
   answer), its verdicts are also read in the forms it writes (`verdict_parsing: lenient`; paper: strict), one sampled
   try is made per call (paper: up to 5), and an answer counts as scored when any dimension is
   (`max_missing_dimensions: 3`; paper: all four). Its scores are noise; the demo shows the machinery, not a judge.
-- The prompts, score clipping, caching and failure handling deviate as listed in the README.
+- The prompts, score clipping, caching and failure handling deviate as listed in docs/deviations.md.
 
 Launch commands:
 
-    # CPU demo, no arguments (SmolLM2-135M-Instruct policy + in-process judge, bundled data, ~10 min on 2 cores):
+    # CPU demo, no arguments (SmolLM2-135M-Instruct policy + in-process judge, bundled data, a few CPU minutes):
     python recipes/dpo_longreward.py                 # or: accelerate launch recipes/dpo_longreward.py
     # the same, written out as a config file:
     python recipes/dpo_longreward.py --config recipes/configs/cpu_demo.yaml
@@ -42,9 +42,9 @@ Launch commands:
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml recipes/dpo_longreward.py
     torchrun --nproc_per_node 2 recipes/dpo_longreward.py          # the same without accelerate
 
-Any config key is also a flag, and flags win over the config file: `--max_steps 20`, `--num_samples 8`,
-`--long_reward '{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}'` (a JSON object replaces
-the whole `long_reward` mapping). `--resume_from_checkpoint last` resumes from the newest `checkpoint-*` in
+Any config key is also a flag, and flags win over the config file: `--max_steps 20`, `--num_generations 8`,
+`--long_reward '{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}'` (a JSON object, parsed as
+TRL parses its dict-valued fields, replaces the whole `long_reward` mapping). `--resume_from_checkpoint last` resumes from the newest `checkpoint-*` in
 `output_dir` (or pass a checkpoint path); the judge-call cache in `output_dir` makes the resumed steps free.
 
 When the embedded default applies: only when NO model is given (`model_name_or_path` neither on the command line nor
@@ -59,14 +59,11 @@ from __future__ import annotations
 import os
 
 # Several processes on one machine (e.g. 2 CPU ranks): idle OpenMP threads spin while they wait and steal the cores
-# that the other process's token-by-token decoding needs (measured: 5-10x slower decoding with two busy processes on
-# two cores), so they must sleep instead. One process alone keeps OpenMP's default (spin briefly, then sleep):
-# PASSIVE there made SmolLM2's decoding 1.6x slower (8 rows, 1k-token prompts: 195 vs 119 ms per token).
-# Must be set before torch is imported.
+# that the other process's token-by-token decoding needs, so they must sleep instead. One process alone keeps
+# OpenMP's default (spin briefly, then sleep), which decodes faster there. Must be set before torch is imported.
 if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) > 1:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -79,8 +76,8 @@ from trl_longreward.trainer import LongContextDPOConfig  # noqa: E402
 
 DEMO_OUTPUT_DIR = "runs/dpo_longreward-smollm2"
 
-# Budgets of the no-argument demo: three steps and two held-out judgings, 9 min 51 s and 10 min 43 s in all in two
-# runs on 2 CPU cores (every step formed a pair; see `demo_defaults`).
+# Budgets of the no-argument demo: three steps and two held-out judgings, small enough for a 2-core CPU (see
+# `demo_defaults`).
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": DEMO_OUTPUT_DIR,
     "dtype": "float32",
@@ -94,8 +91,8 @@ DEMO_DEFAULTS: dict[str, Any] = {
     # the report shows how the reward on unseen documents moves.
     "eval_long_reward_steps": 3,
     "eval_long_reward_prompts": 1,
-    "num_samples": 4,
-    "max_new_tokens": 48,
+    "num_generations": 4,
+    "max_completion_length": 48,
     "max_prompt_length": 512,
     "learning_rate": 5e-6,
     "logging_steps": 1,
@@ -173,18 +170,7 @@ class LongRewardScriptArguments(ScriptArguments):
 
 def make_parser() -> TrlParser:
     """The recipe's parser: script, trainer and model arguments, all also readable from a YAML `--config`."""
-    parser = TrlParser((LongRewardScriptArguments, LongContextDPOConfig, ModelConfig))
-    for action in parser._actions:
-        if action.dest == "long_reward":  # a mapping on the command line is written as a JSON object
-            action.type = _json_object
-    return parser
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a JSON object, got {text!r}")
-    return value
+    return TrlParser((LongRewardScriptArguments, LongContextDPOConfig, ModelConfig))
 
 
 def demo_defaults() -> dict[str, Any]:
@@ -245,35 +231,19 @@ def cpu_ranks() -> bool:
 
 def load_table(name: str, config: str | None = None, split: str = "train") -> Any:
     """A `datasets.Dataset` from a file, a `save_to_disk` directory (a `DatasetDict` gives `split`) or the Hub."""
-    import datasets
+    from trl_longreward.records import load_table as load
 
-    path = Path(name)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if path.is_file():
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix.lower())
-        if builder is None:
-            raise SystemExit(f"{name}: use a .jsonl, .json, .parquet or .csv file, a datasets directory or a Hub id.")
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
-    return datasets.load_dataset(name, name=config, split=split)
+    try:
+        return load(name, config, split, option="dataset_name")
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(str(err)) from None
 
 
 def bundled_long_qa(split: str) -> Any:
-    """The bundled long-context QA split; before the data module had one, the demo rows' (context, question)s."""
-    from trl_longreward import data
+    """The bundled long-context QA split (`trl_longreward.data.load_long_qa`)."""
+    from trl_longreward.data import load_long_qa
 
-    if hasattr(data, "load_long_qa"):
-        return data.load_long_qa(split)
-    import datasets
-
-    rows, seen = [], set()
-    for line in data.demo_score_path().read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if (row["context"], row["question"]) not in seen:
-            seen.add((row["context"], row["question"]))
-            rows.append({"context": row["context"], "question": row["question"]})
-    return datasets.Dataset.from_list(rows)
+    return load_long_qa(split)
 
 
 def load_prompts(script_args: LongRewardScriptArguments, training_args: LongContextDPOConfig) -> Any:
@@ -290,7 +260,7 @@ def load_prompts(script_args: LongRewardScriptArguments, training_args: LongCont
     elif script_args.dataset_languages:
         print(f"dataset_languages={script_args.dataset_languages} ignored: the data has no `language` column.")
     fields = training_args.long_reward or {}
-    if hasattr(data, "validate_long_qa") and "prompt" not in dataset.column_names:
+    if "prompt" not in dataset.column_names:
         data.validate_long_qa(
             dataset,
             context_column=fields.get("context_column", "context"),
@@ -376,7 +346,6 @@ def build_trainer(
         callbacks=[recorder],
         **common,
     )
-    recorder.attach(trainer)
     if script_args.eval_long_reward_steps > 0:
         from trl_longreward.callback import LongRewardCallback
 
@@ -407,10 +376,10 @@ def report_summary(trainer: Any, model_args: ModelConfig, seconds: float) -> dic
         "model": model_args.model_name_or_path,
         "steps": trainer.state.global_step,
         "wall time": f"{seconds / 60:.1f} min",
-        "samples per prompt (k)": args.num_samples,
+        "samples per prompt (k)": args.num_generations,
         "prompts per device per step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
         "processes": trainer.accelerator.num_processes,
-        "max_new_tokens / max_prompt_length": f"{args.max_new_tokens} / {args.max_prompt_length}",
+        "max_completion_length / max_prompt_length": f"{args.max_completion_length} / {args.max_prompt_length}",
         "beta / learning rate": f"{args.beta} / {args.learning_rate}",
     }
     for func in trainer.reward_funcs:

@@ -19,10 +19,10 @@ import torch
 from known_answers import CONTEXT, QUESTION
 from tiny_models import FOUR_HEADS, tiny_llama
 
-from trl_longreward.cli import main
+from trl_longreward.commands import main
+from trl_longreward.documents import TRUNCATION_MARKER
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
-from trl_longreward.trainer.truncation import TRUNCATION_MARKER
 
 K = 4
 FILLER = " ".join(f"Note {n}: the weather in the valley was mild that year." for n in range(60))
@@ -65,7 +65,7 @@ def _arguments(
 ) -> list[str]:
     return [
         "--model", str(model), "--input", str(input_path), "--output_dir", str(output_dir),
-        "--num_samples", str(K), "--max_new_tokens", "12", "--max_prompt_length", "160", "--batch_size", "2",
+        "--num_generations", str(K), "--max_completion_length", "12", "--max_prompt_length", "160", "--batch_size", "2",
         "--seed", "3", "--judge_base_url", server.base_url, "--judge_model", "scripted-judge",
         "--retriever", "bm25", "--chunk_tokenizer", "regex", *extra,
     ]  # fmt: skip
@@ -83,12 +83,12 @@ def _pairs(output_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def built(model_dir: Path, judge_server: ScriptedOpenAIServer, tmp_path_factory: pytest.TempPathFactory):
-    """One real `python -m trl_longreward.cli build-pairs` run over the three prompts."""
+    """One real `python -m trl_longreward.commands build-pairs` run over the three prompts."""
     work = tmp_path_factory.mktemp("build-pairs")
     input_path = _write_jsonl(work / "prompts.jsonl", ROWS)
     output_dir = work / "out"
     before = judge_server.num_chat_requests
-    command = [sys.executable, "-m", "trl_longreward.cli", "build-pairs",
+    command = [sys.executable, "-m", "trl_longreward.commands", "build-pairs",
                *_arguments(model_dir, input_path, output_dir, judge_server)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -68,7 +68,7 @@ def eval_prompts() -> Dataset:
 
 
 def dpo_config(tmp_path: Path, **overrides: Any) -> LongContextDPOConfig:
-    return small_dpo_config(tmp_path / "out", **{"num_samples": 2, "max_new_tokens": 12, **overrides})
+    return small_dpo_config(tmp_path / "out", **{"num_generations": 2, "max_completion_length": 12, **overrides})
 
 
 def eval_entries(trainer: Any) -> list[dict[str, Any]]:
@@ -106,7 +106,7 @@ def test_fires_every_eval_steps_and_at_train_end_and_logs_beside_the_training_me
     trainer = LongContextDPOTrainer(
         model=model_path, args=dpo_config(tmp_path), train_dataset=train_prompts(), reward_funcs=[reward]
     )
-    callback = LongRewardCallback(eval_prompts(), eval_steps=2, max_new_tokens=12)  # reward: the trainer's
+    callback = LongRewardCallback(eval_prompts(), eval_steps=2, max_completion_length=12)  # reward: the trainer's
     trainer.add_callback(callback.attach(trainer))
     trainer.train()
 
@@ -126,8 +126,6 @@ def test_fires_every_eval_steps_and_at_train_end_and_logs_beside_the_training_me
     expected = sum(length_helpfulness("", a) for a in answers) / 3
     assert entries[-1]["eval_long_reward/helpfulness"] == pytest.approx(expected)
     assert [r["question"] for r in callback.last_records] == EVAL_QUESTIONS
-    # The shared reward still holds the last training batch's judgements (2 prompts x 2 samples), not the 3 answers.
-    assert len(reward.last_judgements) == 4 and {j.question for j in reward.last_judgements} == {QUESTION}
 
     # The training run's own logs are intact: one per step, with the DPO and pair metrics.
     train_logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -150,8 +148,8 @@ def test_lora_gradient_checkpointing_and_modes_are_as_before_each_evaluation(
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_longreward.answering import generate_answers
-    from trl_longreward.trainer.prompts import tokenize_prompt
+    from trl_longreward.documents import tokenize_prompt
+    from trl_longreward.generation import generate_answers
 
     before, after = StateProbe(), StateProbe()
     callback = LongRewardCallback(eval_prompts(), reward=make_reward(), eval_steps=1, eval_on_start=True)
@@ -182,7 +180,7 @@ def test_lora_gradient_checkpointing_and_modes_are_as_before_each_evaluation(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path)
     prompt_ids = [tokenize_prompt(tokenizer, CONTEXT + "\n\n" + q) for q in EVAL_QUESTIONS]
-    plain = generate_answers(base, tokenizer, prompt_ids, max_new_tokens=12)
+    plain = generate_answers(base, tokenizer, prompt_ids, max_completion_length=12)
     assert [r["completion"] for r in first] == [a["text"] for a in plain]
 
 
@@ -214,7 +212,7 @@ def test_the_same_callback_runs_with_trl_dpo_and_sft_trainers(
     with pytest.raises(ValueError, match="has no LongRewardFunction"):  # these trainers have no reward of their own
         LongRewardCallback(eval_prompts(), trainer=trainer).evaluate()
 
-    callback = LongRewardCallback(eval_prompts(), reward=make_reward(), eval_steps=1, max_new_tokens=8)
+    callback = LongRewardCallback(eval_prompts(), reward=make_reward(), eval_steps=1, max_completion_length=8)
     trainer.add_callback(callback.attach(trainer))
     trainer.train()
 
@@ -239,7 +237,7 @@ def test_from_long_qa_evaluates_the_bundled_held_out_split(
         train_dataset=Dataset.from_list([{"text": "A short training text."}]),
     )
     callback = LongRewardCallback.from_long_qa(
-        trainer, reward=make_reward(), num_prompts=2, max_prompt_length=192, max_new_tokens=8
+        trainer, reward=make_reward(), num_prompts=2, max_prompt_length=192, max_completion_length=8
     )
     metrics = callback.evaluate()  # also works outside training
 

@@ -10,7 +10,7 @@ from known_answers import CONTEXT, EVASIVE, GOOD, PARTLY_WRONG, QUESTION
 
 def _score(tmp_path, server, *extra):
     command = [
-        sys.executable, "-m", "trl_longreward.cli", "score",
+        sys.executable, "-m", "trl_longreward.commands", "score",
         "--input", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "scores.jsonl"),
         "--judge_base_url", server.base_url, "--judge_model", "scripted-judge",
         "--retriever", "bm25", "--chunk_tokenizer", "regex", *extra,
@@ -96,7 +96,7 @@ def test_rows_whose_judge_calls_failed_are_judged_again_on_resume_paying_only_fo
 def test_resume_keeps_only_lines_judged_for_good(tmp_path):
     """The resume rule shared by `score` and `build-pairs`: a judged line stays, a line with judge errors and a line
     cut short by a crash are dropped (rewritten atomically) so that their rows are judged again."""
-    from trl_longreward.rows_io import resume_jsonl
+    from trl_longreward.records import resume_jsonl
 
     out = tmp_path / "samples.jsonl"
     lines = [

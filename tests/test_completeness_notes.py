@@ -14,9 +14,10 @@ import pytest
 from transformers import HfArgumentParser
 
 from trl_longreward import LongRewardConfig, LongRewardFunction
-from trl_longreward.judges import OpenAIJudge, build_judge
+from trl_longreward.judges import OpenAIJudge
 from trl_longreward.report import dimension_reasons
 from trl_longreward.reward.dimensions.completeness import NotesBlock, group_blocks, position_label, render_notes
+from trl_longreward.reward.judge_factory import build_judge
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge, rule_extract, sentences
 

@@ -17,8 +17,9 @@ import pytest
 from known_answers import CONTEXT, EVASIVE, GOOD, PARTLY_WRONG, QUESTION
 from tiny_models import tiny_llama
 
-from trl_longreward.cli import main
-from trl_longreward.evaluate import ANSWERS_FILE, JUDGED_FILE, RESULTS_FILE, EvaluateArguments, prompt_digest, win_rate
+from trl_longreward.commands import main
+from trl_longreward.commands.evaluate import ANSWERS_FILE, JUDGED_FILE, RESULTS_FILE, EvaluateArguments, prompt_digest
+from trl_longreward.summaries import win_rate
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
 
@@ -167,7 +168,7 @@ def test_two_models_answer_the_bundled_split_and_a_rerun_makes_no_judge_call(
         out,
         "--limit",
         2,
-        "--max_new_tokens",
+        "--max_completion_length",
         10,
         "--max_prompt_length",
         192,

@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_longreward.trainer.generation import sample_responses
+from trl_longreward.generation import sample_responses
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def _prompts(vocab):
 
 def _run(model, tokenizer, prompts, **kwargs):
     return sample_responses(
-        model, tokenizer, prompts, num_samples=3, temperature=1.0, top_p=1.0, max_new_tokens=12, **kwargs
+        model, tokenizer, prompts, num_generations=3, temperature=1.0, top_p=1.0, max_completion_length=12, **kwargs
     )
 
 
@@ -34,10 +34,10 @@ def test_greedy_samples_equal_plain_generate(model_and_tokenizer):
         model,
         tokenizer,
         repeated,
-        num_samples=1,
+        num_generations=1,
         temperature=1.0,
         top_p=1.0,
-        max_new_tokens=12,
+        max_completion_length=12,
         shared_prefill=False,
         do_sample=False,
     )

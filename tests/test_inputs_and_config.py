@@ -3,8 +3,8 @@
 import pytest
 
 from trl_longreward import LongRewardConfig
-from trl_longreward.judges import build_judge
 from trl_longreward.reward.inputs import Sample, resolve_samples
+from trl_longreward.reward.judge_factory import build_judge
 
 KW = {"context_column": "context", "question_column": "question", "separator": "\n\n"}
 

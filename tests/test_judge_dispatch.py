@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from trl_longreward import LongRewardConfig, OpenAIJudge
-from trl_longreward.judges import build_judge
 from trl_longreward.judges.base import ChatRequest, JudgeError
 from trl_longreward.judges.endpoints import EndpointPool, parse_base_urls
+from trl_longreward.reward.judge_factory import build_judge
 from trl_longreward.testing import ScriptedOpenAIServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
-from trl_longreward.judges.local import BatchingJudge, BatchResult
+from trl_longreward.judges.batching import BatchingJudge, BatchResult
 
 
 class RecordingJudge(BatchingJudge):

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from trl_longreward.trainer.pairs import select_best_worst
-from trl_longreward.trainer.truncation import TRUNCATION_MARKER, fit_prompt, truncate_context_middle
+from trl_longreward.documents import TRUNCATION_MARKER, fit_prompt, truncate_context_middle
+from trl_longreward.pairs import select_best_worst
 
 
 def test_best_and_worst_are_chosen_and_rejected():

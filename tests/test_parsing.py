@@ -3,14 +3,15 @@ then the lenient parsers for weak judges: what they read, what they reject, and 
 
 import pytest
 
-from trl_longreward.reward.calls import neutralize
 from trl_longreward.reward.lenient_parsing import (
     parse_notes_lenient,
     parse_score_lenient,
     parse_statements_lenient,
     parse_support_lenient,
 )
-from trl_longreward.reward.parsing import parse_notes, parse_score, parse_statements, parse_support, verdict_parsers
+from trl_longreward.reward.parsing import parse_notes, parse_score, parse_statements, parse_support
+from trl_longreward.reward.runner import neutralize
+from trl_longreward.reward.verdicts import verdict_parsers
 
 
 @pytest.mark.parametrize(

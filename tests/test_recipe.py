@@ -24,7 +24,7 @@ ACCELERATE_CONFIGS = sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml"))
 DIMENSION_NAMES = ("helpfulness", "logicality", "faithfulness", "completeness")
 # One step of the real default (SmolLM2 policy + in-process SmolLM2 judge, bundled data) with small budgets.
 SMALL_RUN = [
-    "--max_steps", "1", "--num_samples", "2", "--max_new_tokens", "12", "--max_prompt_length", "192",
+    "--max_steps", "1", "--num_generations", "2", "--max_completion_length", "12", "--max_prompt_length", "192",
     "--long_reward", json.dumps({
         "judge_backend": "transformers", "max_attempts": 1, "score_max_tokens": 24, "break_max_tokens": 48,
         "check_max_tokens": 16, "extract_max_tokens": 24, "max_statements": 1, "max_missing_dimensions": 3,
@@ -81,7 +81,7 @@ def test_cpu_demo_yaml_is_the_no_argument_default(recipe):
     from_yaml = recipe.parse_arguments(["--config", str(REPO_ROOT / "recipes/configs/cpu_demo.yaml")])
     for index, keys in enumerate((
         ("dataset_languages", "training_mode"),
-        ("output_dir", "max_steps", "num_samples", "max_new_tokens", "max_prompt_length", "learning_rate", "bf16",
+        ("output_dir", "max_steps", "num_generations", "max_completion_length", "max_prompt_length", "learning_rate", "bf16",
          "per_device_train_batch_size", "activation_checkpointing", "seed"),
         ("model_name_or_path", "dtype"),
     )):  # fmt: skip
@@ -97,8 +97,8 @@ def test_demo_defaults_apply_only_when_no_model_is_given(recipe):
     assert Path(model_args.model_name_or_path).is_dir()
     assert training_args.output_dir == recipe.DEMO_OUTPUT_DIR and training_args.max_steps == 3
     assert training_args.long_reward["judge_backend"] == "transformers"
-    _, training_args, _ = recipe.parse_arguments(["--max_steps", "7", "--num_samples", "3"])
-    assert (training_args.max_steps, training_args.num_samples) == (7, 3)  # flags still win over the demo
+    _, training_args, _ = recipe.parse_arguments(["--max_steps", "7", "--num_generations", "3"])
+    assert (training_args.max_steps, training_args.num_generations) == (7, 3)  # flags still win over the demo
     script_args, training_args, model_args = recipe.parse_arguments(
         ["--model_name_or_path", "some/model", "--output_dir", "out", *_gpu_free_args()]
     )
@@ -114,7 +114,7 @@ def test_flags_override_the_config_file_and_long_reward_takes_json(recipe):
         ["--config", str(path), "--max_steps", "3", "--long_reward", json.dumps(judge), *_gpu_free_args()]
     )
     assert training_args.max_steps == 3 and training_args.long_reward == judge
-    assert model_args.load_in_4bit and model_args.use_peft and training_args.num_samples == 10
+    assert model_args.load_in_4bit and model_args.use_peft and training_args.num_generations == 10
 
 
 def test_resume_last_finds_the_newest_checkpoint_or_says_there_is_none(recipe, tmp_path):
@@ -251,27 +251,25 @@ def test_report_clips_long_texts_and_handles_a_run_without_samples(tmp_path):
 def test_recorder_keeps_each_steps_judged_samples_and_thins_long_runs():
     from trl_longreward.report import JudgedStepRecorder
     from trl_longreward.reward.function import Judgement
+    from trl_longreward.trainer.trainer import JudgedStep
 
-    class Reward:
-        last_judgements: list = []
-
-    reward = Reward()
-    trainer = SimpleNamespace(
-        reward_funcs=[reward],
-        args=SimpleNamespace(num_samples=2),
-        accelerator=SimpleNamespace(process_index=0, num_processes=1),
-        last_rewards=[5.0, 1.0],
-        last_selections=[_selection(0, 1)],
-    )
     recorder = JudgedStepRecorder(max_records=4)
-    recorder.attach(trainer)
     for step in range(1, 10):
-        reward.last_judgements = [Judgement(r, {}, {}, f"question {step}", "a", {}) for r in (5.0, 1.0)]
+        judged = JudgedStep(
+            step=step,
+            rank=0,
+            num_generations=2,
+            rewards=[5.0, 1.0],
+            selections=[_selection(0, 1)],
+            judgements=[Judgement(r, {}, {}, f"question {step}", "a", {}) for r in (5.0, 1.0)],
+        )
+        recorder.on_step_judged(None, SimpleNamespace(global_step=step - 1), None, judged=judged)
         recorder.on_step_end(None, SimpleNamespace(global_step=step), None)
-        recorder.on_step_end(None, SimpleNamespace(global_step=step), None)  # the same judgements: not twice
+        recorder.on_step_end(None, SimpleNamespace(global_step=step), None)  # no new judgements: nothing twice
     steps = [r["step"] for r in recorder.steps]
     assert len(steps) <= 4 and steps[0] == 1 and steps[-1] == 9 and len(set(steps)) == len(steps)
     assert recorder.steps[-1]["question"] == "question 9"
+    assert recorder.steps[-1]["selection"]["chosen"] == 0 and recorder.steps[-1]["samples"][1]["reward"] == 1.0
 
 
 # ----- real runs -----

@@ -44,10 +44,11 @@ from trl_longreward import (
     LongRewardFunction,
     OpenAIJudge,
 )
-from trl_longreward.cli import ScoreArguments, main
+from trl_longreward.commands import main
+from trl_longreward.commands.build_pairs import BuildPairsArguments
+from trl_longreward.commands.score import ScoreArguments
 from trl_longreward.judges.base import ChatRequest, JudgeError
 from trl_longreward.judges.cache import JudgeCallCache
-from trl_longreward.pairs_builder import BuildPairsArguments
 from trl_longreward.testing.openai_server import FAULT_KINDS, NO_VERDICT_TEXT, ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge, tagged
 
@@ -246,9 +247,9 @@ def test_a_batch_at_20_percent_faults_completes_counts_every_failure_and_bounds_
         judge = OpenAIJudge("scripted-judge", server.base_url, max_retries=max_retries, timeout=1.5, max_concurrency=8)
         reward = LongRewardFunction(judge=judge, retriever="bm25", chunk_tokenizer="regex", max_attempts=3)
         started = time.monotonic()
-        judgements = reward.score(**known_rows(*DISTINCT_RESPONSES))
+        judgements, metrics = reward.score_batch(**known_rows(*DISTINCT_RESPONSES))
         elapsed = time.monotonic() - started
-        stats, metrics = reward.stats(), reward.last_metrics
+        stats = reward.stats()
         reward.close()
     assert elapsed < HANG_GUARD_S and len(judgements) == len(DISTINCT_RESPONSES)
     outcomes = Counter(entry["outcome"] for entry in server.request_log)
@@ -818,11 +819,11 @@ def test_a_model_path_that_does_not_exist_names_the_option(tmp_path: Path, serve
         (lambda: OpenAIJudge("m", "http://127.0.0.1:8000/v1", timeout=-5), "timeout must be > 0"),
         (lambda: ScoreArguments(input="a", output="b", batch_size=0), "--batch_size must be >= 1"),
         (lambda: ScoreArguments(input="a", output="b", limit=-1), "--limit must be >= 0"),
-        (lambda: BuildPairsArguments(model="m", input="a", output_dir="o", num_samples=1), "at least 2 samples"),
+        (lambda: BuildPairsArguments(model="m", input="a", output_dir="o", num_generations=1), "at least 2 samples"),
         (lambda: BuildPairsArguments(model="m", input="a", output_dir="o", batch_size=0), "batch_size must be >= 1"),
         (lambda: dpo_config(Path("out"), min_reward_gap=-1.0), "min_reward_gap must be >= 0"),
         (lambda: dpo_config(Path("out"), temperature=0.0), "temperature must be > 0"),
-        (lambda: dpo_config(Path("out"), max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (lambda: dpo_config(Path("out"), max_completion_length=0), "max_completion_length must be >= 1"),
     ],
 )
 def test_negative_or_invalid_numbers_fail_at_construction_naming_the_option(build: Callable[[], Any], message: str):
@@ -893,14 +894,14 @@ def test_the_judge_api_key_is_read_from_the_environment_and_written_to_no_file(
         recipe = start(
             [sys.executable, RECIPE, "--model_name_or_path", model_path, "--dataset_name", prompts,
              "--output_dir", outputs[0], "--max_steps", 2, "--save_strategy", "steps", "--save_steps", 1,
-             "--num_samples", 2, "--max_new_tokens", 8, "--max_prompt_length", 192,
+             "--num_generations", 2, "--max_completion_length", 8, "--max_prompt_length", 192,
              "--per_device_train_batch_size", 2, "--logging_steps", 1, "--report_to", "none", "--use_cpu", "true",
              "--bf16", "false", "--long_reward", json.dumps(long_reward)],
             tmp_path / "recipe.log",
         )  # fmt: skip
         # The command-line tools: scores and their cache; sampled pairs, their samples and their cache.
         assert main(["score", "--input", str(answers), "--output", str(outputs[1] / "scores.jsonl"), *flags]) == 0
-        sampling = ["--num_samples", "2", "--max_new_tokens", "8", "--max_prompt_length", "192"]
+        sampling = ["--num_generations", "2", "--max_completion_length", "8", "--max_prompt_length", "192"]
         pairs = ["build-pairs", "--model", model_path, "--input", str(prompts), "--output_dir", str(outputs[2])]
         assert main([*pairs, *sampling, *flags]) == 0
         recipe_log = finish(recipe, tmp_path / "recipe.log")
@@ -970,7 +971,7 @@ def test_two_training_ranks_and_the_cli_share_one_judge_within_their_limits(tmp_
             tmp_path / "ranks.log",
         )  # fmt: skip
         cli = start(
-            [sys.executable, "-m", "trl_longreward.cli", "score", "--input", answers, "--output", scores,
+            [sys.executable, "-m", "trl_longreward.commands", "score", "--input", answers, "--output", scores,
              "--judge_base_url", cli_url, "--judge_model", "scripted-judge", "--judge_max_concurrency", limits["cli"],
              "--judge_max_retries", 5, "--retriever", "bm25", "--chunk_tokenizer", "regex", "--batch_size", 8],
             tmp_path / "cli.log",

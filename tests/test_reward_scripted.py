@@ -18,7 +18,7 @@ from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge, tagge
 
 def test_exact_scores_for_known_answers(make_reward):
     reward = make_reward()
-    good, wrong, evasive = reward.score(**_rows(GOOD, PARTLY_WRONG, EVASIVE))
+    (good, wrong, evasive), metrics = reward.score_batch(**_rows(GOOD, PARTLY_WRONG, EVASIVE))
     assert good.scores == {"helpfulness": 8.0, "logicality": 9.0, "faithfulness": 10.0, "completeness": 10.0}
     assert good.reward == pytest.approx(9.25)
     assert wrong.scores["faithfulness"] == 5.0 and wrong.reward == pytest.approx(8.0)
@@ -26,8 +26,8 @@ def test_exact_scores_for_known_answers(make_reward):
     assert evasive.status["faithfulness"] == "not_applicable"
     assert evasive.reward == pytest.approx((2 + 9 + 0) / 3)
     # a dimension that does not apply is not counted as missing (the judge did not fail)
-    assert reward.last_metrics["long_reward/faithfulness/missing_rate"] == 0.0
-    assert reward.last_metrics["long_reward/faithfulness/mean"] == pytest.approx(7.5)  # over the 2 that apply
+    assert metrics["long_reward/faithfulness/missing_rate"] == 0.0
+    assert metrics["long_reward/faithfulness/mean"] == pytest.approx(7.5)  # over the 2 that apply
 
 
 def test_calls_per_response_are_four_plus_statements(make_reward, server):

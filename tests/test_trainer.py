@@ -6,14 +6,13 @@ import pytest
 import torch
 from datasets import Dataset
 from known_answers import CONTEXT, QUESTION
+from tiny_models import JudgedSteps, small_dpo_config, tiny_llama
 from tiny_models import prompts_dataset as _dataset
-from tiny_models import small_dpo_config, tiny_llama
 
 from trl_longreward import LongContextDPOTrainer, LongRewardFunction, OpenAIJudge
+from trl_longreward.documents import TRUNCATION_MARKER, prepare_prompt_dataset
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
-from trl_longreward.trainer.prompts import prepare_prompt_dataset
-from trl_longreward.trainer.truncation import TRUNCATION_MARKER
 
 
 def length_helpfulness(question: str, response: str) -> float:
@@ -47,12 +46,16 @@ def _reward(server, tmp_path, **overrides):
 
 def _trainer(model_path, tmp_path, server, **config):
     dataset = config.pop("train_dataset", None) or _dataset()
-    return LongContextDPOTrainer(
+    judged = JudgedSteps()
+    trainer = LongContextDPOTrainer(
         model=model_path,
         args=_config(tmp_path, **config),
         train_dataset=dataset,
+        callbacks=[judged],
         reward_funcs=[_reward(server, tmp_path)],
     )
+    trainer.judged_steps = judged  # the test's view of each step's rewards and pairs
+    return trainer
 
 
 def test_online_dpo_trains_every_parameter_and_logs_the_reward(model_path, tmp_path, judge_server):
@@ -72,12 +75,14 @@ def test_online_dpo_trains_every_parameter_and_logs_the_reward(model_path, tmp_p
     assert all(log["pairs/valid_pair_rate"] > 0 for log in logs)
     assert judge_server.num_chat_requests > 0
     # Chosen is the best-scored sample of its prompt, rejected the worst.
-    k = trainer.args.num_samples
-    for i, selection in enumerate(trainer.last_selections):
-        scored = [r for r in trainer.last_rewards[i * k : (i + 1) * k] if r is not None]
+    k = trainer.args.num_generations
+    latest = trainer.judged_steps.latest
+    assert len(trainer.judged_steps.steps) == 3 and latest.judgements is not None
+    for i, selection in enumerate(latest.selections):
+        scored = [r for r in latest.rewards[i * k : (i + 1) * k] if r is not None]
         if selection.ok:
             assert selection.chosen_reward == max(scored) and selection.rejected_reward == min(scored)
-            assert trainer.last_rewards[i * k + selection.chosen] == max(scored)
+            assert latest.rewards[i * k + selection.chosen] == max(scored)
 
 
 def test_prompts_are_cut_in_the_middle_of_the_document_never_dropped(model_path):
@@ -199,9 +204,10 @@ def test_resume_reuses_every_judge_call_and_continues_the_same_way(model_path, t
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_samples": 1}, "at least 2 samples"),
-        ({"generation_backend": "vllm_server"}, "needs vLLM: pip install"),
-        ({"generation_backend": "vllm_colocate"}, "needs vLLM: pip install"),
+        ({"num_generations": 1}, "at least 2 samples"),
+        ({"use_vllm": True, "vllm_mode": "server"}, "needs vLLM: pip install"),
+        ({"use_vllm": True}, "needs vLLM: pip install"),
+        ({"vllm_mode": "remote"}, "use colocate or server"),
         ({"max_judge_outage_steps": -1}, "max_judge_outage_steps"),
         ({"num_iterations": 0}, "num_iterations must be >= 1"),
         ({"min_scored_samples": 9}, "min_scored_samples"),
@@ -286,30 +292,30 @@ class RecordingVLLMGeneration:
 
 def test_vllm_backend_contract(model_path, tmp_path, judge_server):
     trainer = _trainer(model_path, tmp_path, judge_server, max_steps=2)
-    fake = RecordingVLLMGeneration(trainer._tokenizer.eos_token_id)
-    trainer.vllm_generation = fake
+    fake = RecordingVLLMGeneration(trainer.processing_tokenizer.eos_token_id)
+    trainer.sampler.vllm_generation = fake
     trainer.train()
     assert fake.syncs == 2  # the policy's weights are pushed once per optimizer step
     for prompts, k in fake.calls:
         assert k == 4 and len(prompts) == 2 * 4
         assert all(prompts[i] == prompts[i - i % 4] for i in range(len(prompts)))  # each prompt k times in a row
-    selection = trainer.last_selections[0]
+    selection = trainer.judged_steps.latest.selections[0]
     assert selection.ok  # completions of different lengths got different rewards: a pair was formed
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert all(log["pairs/online"] > 0 for log in logs)
 
 
 def test_new_pairs_every_num_iterations_steps(model_path, tmp_path, judge_server, monkeypatch):
-    import trl_longreward.trainer.trainer as trainer_module
+    from trl_longreward.trainer.generation import PolicySampler
 
     generated = []
-    real = trainer_module.generate_samples
+    real = PolicySampler.sample
 
-    def counting(trainer, rows):
+    def counting(self, model_wrapped, rows, *, global_step):
         generated.append([tuple(r["prompt_ids"]) for r in rows])
-        return real(trainer, rows)
+        return real(self, model_wrapped, rows, global_step=global_step)
 
-    monkeypatch.setattr(trainer_module, "generate_samples", counting)
+    monkeypatch.setattr(PolicySampler, "sample", counting)
     trainer = _trainer(model_path, tmp_path, judge_server, max_steps=4, num_iterations=2, train_dataset=_dataset(6))
     seen = []
     real_step = type(trainer).training_step

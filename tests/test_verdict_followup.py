@@ -12,7 +12,7 @@ from known_answers import GOOD
 from known_answers import rows as _rows
 
 from trl_longreward import LongRewardFunction, OpenAIJudge
-from trl_longreward.reward.calls import VERDICT_CUES
+from trl_longreward.reward.runner import VERDICT_CUES
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
 

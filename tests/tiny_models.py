@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from known_answers import CONTEXT, QUESTION
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from trl_longreward.models import default_model_path
 from trl_longreward.trainer import LongContextDPOConfig
@@ -72,8 +72,8 @@ def small_dpo_config(output_dir: Path | str, **overrides: Any) -> LongContextDPO
         use_cpu=True,
         per_device_train_batch_size=2,
         max_steps=3,
-        num_samples=4,
-        max_new_tokens=16,
+        num_generations=4,
+        max_completion_length=16,
         max_prompt_length=256,
         logging_steps=1,
         report_to="none",
@@ -84,3 +84,17 @@ def small_dpo_config(output_dir: Path | str, **overrides: Any) -> LongContextDPO
     )
     values.update(overrides)
     return LongContextDPOConfig(**values)
+
+
+class JudgedSteps(TrainerCallback):
+    """Records `LongContextDPOTrainer`'s `on_step_judged` events: each micro-step's rewards and pair selections."""
+
+    def __init__(self) -> None:
+        self.steps: list = []
+
+    def on_step_judged(self, args, state, control, *, judged, **kwargs) -> None:
+        self.steps.append(judged)
+
+    @property
+    def latest(self):
+        return self.steps[-1]

@@ -1,6 +1,6 @@
 """trl-longreward: LongReward (arXiv 2410.21252) for TRL."""
 
-from .judges import ChatRequest, Judge, JudgeCallCache, JudgeError, JudgeUnavailableError, OpenAIJudge
+from .judges import ChatRequest, Judge, JudgeCallCache, JudgeError, OpenAIJudge
 from .reward import DIMENSIONS, Judgement, LongRewardConfig, LongRewardFunction
 
 __version__ = "0.1.0"
@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The trainer and the callback pull in trl/transformers training code: import them only when asked for.
-    if name in ("LongContextDPOConfig", "LongContextDPOTrainer"):
+    if name in ("LongContextDPOConfig", "LongContextDPOTrainer", "JudgeUnavailableError"):
         from . import trainer
 
         return getattr(trainer, name)

@@ -22,9 +22,10 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from .answering import generate_answers
-from .evaluate import flat_scores, mean_scores
+from .documents import prepare_prompt_dataset
+from .generation import generate_answers
 from .reward import LongRewardConfig, LongRewardFunction
+from .summaries import flat_scores, mean_scores
 
 METRIC_PREFIX = "eval_long_reward"
 COMPLETIONS_FILE = "long_reward_eval.jsonl"
@@ -48,8 +49,8 @@ class LongRewardCallback(TrainerCallback):
             transformers leaves at 500 when `eval_steps` is not set).
         eval_on_start: also evaluate before the first step, the baseline point of the curve.
         num_prompts: use only the first N prompts of `eval_dataset`.
-        max_prompt_length / max_new_tokens: prompt and answer token budgets; None: the trainer's `max_prompt_length`
-            / `max_new_tokens` (or `max_completion_length`) when its config has them, else 2048 / 256.
+        max_prompt_length / max_completion_length: prompt and answer token budgets; None: the trainer's
+            `max_prompt_length` / `max_completion_length` when its config has them, else 2048 / 256.
         do_sample, temperature, top_p: sampling instead of greedy answers. Generation runs on a forked random state
             seeded with `seed` (default: the trainer's seed), so it never changes the training run's randomness.
         batch_size: prompts per `generate` call.
@@ -78,7 +79,7 @@ class LongRewardCallback(TrainerCallback):
         eval_on_start: bool = False,
         num_prompts: int | None = None,
         max_prompt_length: int | None = None,
-        max_new_tokens: int | None = None,
+        max_completion_length: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -91,8 +92,8 @@ class LongRewardCallback(TrainerCallback):
             raise ValueError("LongRewardCallback needs evaluation prompts (context + question rows); got none.")
         if eval_steps is not None and eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}.")
-        if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
-            raise ValueError("batch_size and max_new_tokens must be >= 1.")
+        if batch_size < 1 or (max_completion_length is not None and max_completion_length < 1):
+            raise ValueError("batch_size and max_completion_length must be >= 1.")
         if do_sample and temperature <= 0:
             raise ValueError("temperature must be > 0 with do_sample (do_sample=False gives greedy answers).")
         if reward is not None and not isinstance(reward, LongRewardFunction | LongRewardConfig | dict):
@@ -104,7 +105,7 @@ class LongRewardCallback(TrainerCallback):
         self.eval_steps = eval_steps
         self.eval_on_start = eval_on_start
         self.max_prompt_length = max_prompt_length
-        self.max_new_tokens = max_new_tokens
+        self.max_completion_length = max_completion_length
         self.do_sample, self.temperature, self.top_p = do_sample, temperature, top_p
         self.batch_size = batch_size
         self.seed = seed
@@ -220,23 +221,12 @@ class LongRewardCallback(TrainerCallback):
     def _prepared_rows(self, trainer: Any, config: LongRewardConfig) -> list[dict[str, Any]]:
         """The prompts fitted and tokenized for the policy, once (the tokenizer does not change during training)."""
         if self._rows is None:
-            from .trainer.prompts import prepare_prompt_dataset
-
-            columns = set(self.eval_dataset.column_names)
-            if not ({config.context_column, config.question_column} <= columns or "prompt" in columns):
-                raise ValueError(
-                    f"LongRewardCallback's eval_dataset needs {config.context_column!r} and "
-                    f"{config.question_column!r} columns, or a 'prompt' column written as context + "
-                    f"{config.prompt_separator!r} + question; it has {sorted(columns)}."
-                )
-
             prepared = prepare_prompt_dataset(
                 self.eval_dataset,
                 _tokenizer(trainer),
                 max_prompt_length=self._budget(trainer, "max_prompt_length"),
-                context_column=config.context_column,
-                question_column=config.question_column,
-                separator=config.prompt_separator,
+                what="LongRewardCallback's eval_dataset",
+                **config.document_columns(),
             )
             self._rows = [prepared[i] for i in range(len(prepared))]
         return self._rows
@@ -247,7 +237,7 @@ class LongRewardCallback(TrainerCallback):
         args = trainer.args
         if name == "max_prompt_length":
             return getattr(args, "max_prompt_length", None) or 2048
-        return getattr(args, "max_new_tokens", None) or getattr(args, "max_completion_length", None) or 256
+        return getattr(args, "max_completion_length", None) or 256
 
     def _answer_and_judge(self, trainer: Any, reward: LongRewardFunction, rows: list[dict[str, Any]]) -> dict:
         import torch
@@ -268,7 +258,7 @@ class LongRewardCallback(TrainerCallback):
                 model,
                 _tokenizer(trainer),
                 [row["prompt_ids"] for row in rows],
-                max_new_tokens=self._budget(trainer, "max_new_tokens"),
+                max_completion_length=self._budget(trainer, "max_completion_length"),
                 do_sample=self.do_sample,
                 temperature=self.temperature,
                 top_p=self.top_p,
@@ -276,9 +266,9 @@ class LongRewardCallback(TrainerCallback):
                 device=accelerator.device,
             )
         generated = time.perf_counter()
-        before = reward.runner.counters.totals()
+        before = reward.call_counts()
         judgements = self._judge(reward, rows, [a["text"] for a in answers]) if rows else []
-        after = reward.runner.counters.totals()
+        after = reward.call_counts()
         records = []
         for row, answer, judgement in zip(rows, answers, judgements, strict=True):
             data = judgement.to_dict()
@@ -306,13 +296,8 @@ class LongRewardCallback(TrainerCallback):
             for name in (config.context_column, config.question_column)
             if name in rows[0]
         }
-        # A reward shared with the trainer keeps its training batch's judgements (a recorder may read them).
-        kept = reward.last_judgements, reward.last_metrics
-        try:
-            # The judge reads the FULL document (`prompt`), not the policy's cut copy.
-            return reward.score(prompts=[row["prompt"] for row in rows], completions=answers, **columns)
-        finally:
-            reward.last_judgements, reward.last_metrics = kept
+        # The judge reads the FULL document (`prompt`), not the policy's cut copy.
+        return reward.score(prompts=[row["prompt"] for row in rows], completions=answers, **columns)
 
     @staticmethod
     def _metrics(records: list[dict[str, Any]], parts: list[dict], dimensions: list[str]) -> dict[str, float]:

@@ -239,13 +239,33 @@ def load_default_model(
     dtype: torch.dtype = torch.float32, cache_dir: str | Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the default judge (converting it on first use) as `(model, tokenizer)`, the model in eval mode."""
+    return load_causal_lm(default_model_path(cache_dir), dtype=dtype, device="cpu", local_files_only=True)
+
+
+def load_causal_lm(
+    name: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = None,
+    option: str = "model",
+    tokenizer: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The one model loader: a causal LM (eval mode, on `device`, default cuda when available) and its tokenizer
+    (pad token = eos when it has none). `dtype`: a torch dtype or its name (`"auto"`: the checkpoint's). A name that
+    looks like a local directory but is not a saved model fails naming `option`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path(cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    check_model_source(name, option=option)
+    tokenizer_obj = AutoTokenizer.from_pretrained(str(tokenizer or name), local_files_only=local_files_only)
+    if tokenizer_obj.pad_token is None:
+        tokenizer_obj.pad_token = tokenizer_obj.eos_token
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(name), dtype=dtype, local_files_only=local_files_only)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
-    return model, tokenizer
+    return model, tokenizer_obj
 
 
 def check_model_source(name: str | os.PathLike[str], *, option: str) -> None:

@@ -38,25 +38,25 @@ def judged_prompt_records(
     judgements: Sequence[Any],
     rewards: Sequence[float | None],
     selections: Sequence[Any],
-    num_samples: int,
+    num_generations: int,
     *,
     step: int,
     rank: int = 0,
 ) -> list[dict[str, Any]]:
     """One record per prompt of a step: the question, the pair selection and its k judged samples.
 
-    `judgements` are the reward function's `Judgement`s (prompt-major, `num_samples` per prompt), `rewards` the
+    `judgements` are the reward function's `Judgement`s (prompt-major, `num_generations` per prompt), `rewards` the
     trainer's combined rewards in the same order, `selections` the trainer's `PairSelection` per prompt.
     """
     records = []
     for i, selection in enumerate(selections):
-        block = judgements[i * num_samples : (i + 1) * num_samples]
+        block = judgements[i * num_generations : (i + 1) * num_generations]
         if not block:
             break
         samples = []
         for j, judgement in enumerate(block):
             data = judgement.to_dict() if hasattr(judgement, "to_dict") else dict(judgement)
-            reward = rewards[i * num_samples + j] if i * num_samples + j < len(rewards) else data.get("reward")
+            reward = rewards[i * num_generations + j] if i * num_generations + j < len(rewards) else data.get("reward")
             samples.append(
                 {
                     "index": j,
@@ -88,51 +88,46 @@ def judged_prompt_records(
 
 
 class JudgedStepRecorder(TrainerCallback):
-    """Keeps the training steps' judged samples (from the first reward function with `last_judgements`).
+    """Keeps the training steps' judged samples, from the trainer's `on_step_judged` event
+    (`LongContextDPOTrainer` sends each micro-step's judgements, rewards and pair selections).
 
-    Callbacks get no trainer, so call `attach(trainer)` after building it. After each micro-step the recorder reads
-    `trainer.last_selections` / `trainer.last_rewards` and the reward function's `last_judgements`; with several
-    processes the records of all ranks are gathered (every rank runs the callback) and kept on every rank.
-
-    Memory stays bounded on long runs: past `max_records` prompt records, every other recorded step is dropped (the
-    first and the latest step are always kept), so the report still spans the whole run.
+    With several processes the records of all ranks are gathered at the end of each micro-step (every rank runs the
+    callback) and kept on every rank. Memory stays bounded on long runs: past `max_records` prompt records, every
+    other recorded step is dropped (the first and the latest step are always kept), so the report still spans the
+    whole run.
     """
 
     def __init__(self, max_records: int = 200) -> None:
-        self.trainer: Any = None
         self.max_records = max_records
         self.steps: list[dict[str, Any]] = []
-        self._seen: Any = None  # the judgement list already recorded (kept alive, so identity is reliable)
+        self._pending: list[dict[str, Any]] = []
 
-    def attach(self, trainer: Any) -> None:
-        """Remember the trainer whose steps are recorded."""
-        self.trainer = trainer
+    def on_step_judged(self, args: Any, state: Any, control: Any, *, judged: Any, **kwargs: Any) -> None:
+        """A micro-step's judged samples (`LongContextDPOTrainer`'s event); kept until the micro-step ends."""
+        if judged.judgements is None:  # no reward function gave judgements: nothing to show
+            return
+        self._pending = judged_prompt_records(
+            judged.judgements,
+            judged.rewards,
+            judged.selections,
+            judged.num_generations,
+            step=judged.step,
+            rank=judged.rank,
+        )
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """A gradient-accumulation micro-step: it belongs to the optimizer step still to come."""
-        self._record(state.global_step + 1)
+        self._flush()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The last micro-step of an optimizer step."""
-        self._record(state.global_step)
+        self._flush()
 
-    def _record(self, step: int) -> None:
-        trainer = self.trainer
-        if trainer is None:
-            return
-        reward = next((f for f in getattr(trainer, "reward_funcs", []) if hasattr(f, "last_judgements")), None)
-        records = []
-        if reward is not None and reward.last_judgements is not self._seen:
-            self._seen = reward.last_judgements
-            records = judged_prompt_records(
-                list(reward.last_judgements),
-                trainer.last_rewards,
-                trainer.last_selections,
-                trainer.args.num_samples,
-                step=step,
-                rank=trainer.accelerator.process_index,
-            )
-        if trainer.accelerator.num_processes > 1:
+    def _flush(self) -> None:
+        records, self._pending = self._pending, []
+        from accelerate import PartialState
+
+        if PartialState().num_processes > 1:
             from accelerate.utils import gather_object
 
             records = gather_object(records)

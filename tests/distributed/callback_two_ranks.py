@@ -51,13 +51,13 @@ def main() -> None:
         ddp_backend="gloo",
         per_device_train_batch_size=1,
         max_steps=2,
-        num_samples=2,
-        max_new_tokens=8,
+        num_generations=2,
+        max_completion_length=8,
     )
     prompts = prompts_dataset(4)
     trainer = LongContextDPOTrainer(model=model_path, args=args, train_dataset=prompts, reward_funcs=[train_reward])
     evaluation = Dataset.from_list([{"context": CONTEXT, "question": q} for q in EVAL_QUESTIONS])
-    callback = LongRewardCallback(evaluation, reward=eval_reward, eval_steps=1, max_new_tokens=8)
+    callback = LongRewardCallback(evaluation, reward=eval_reward, eval_steps=1, max_completion_length=8)
     trainer.add_callback(callback.attach(trainer))
     try:
         trainer.train()

@@ -85,10 +85,15 @@ def run_train(cli: argparse.Namespace) -> None:
     record_path = Path(cli.record)
 
     class StepRecord(TrainerCallback):
+        selections: list = []
+
+        def on_step_judged(self, args: Any, state: Any, control: Any, *, judged: Any, **kwargs: Any) -> None:
+            self.selections = judged.selections
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            k = trainer.args.num_samples
+            k = trainer.args.num_generations
             pairs = []
-            for i, selection in enumerate(trainer.last_selections):
+            for i, selection in enumerate(self.selections):
                 texts = reward.completions[i * k : (i + 1) * k]
                 pairs.append(
                     [texts[selection.chosen], texts[selection.rejected]] if selection.ok else selection.skip_reason

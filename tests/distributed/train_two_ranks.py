@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--judge_url", required=True, help="Base URL of the OpenAI-compatible judge.")
     parser.add_argument("--output_dir", required=True, help="Where the model and the per-rank records go.")
     parser.add_argument("--max_steps", type=int, default=3)
-    parser.add_argument("--num_samples", type=int, default=4)
+    parser.add_argument("--num_generations", type=int, default=4)
     parser.add_argument("--per_device_train_batch_size", type=int, default=1)
     parser.add_argument("--tie_rank", type=int, default=1, help="Rank whose first step gets only tied rewards.")
     return parser.parse_args()
@@ -102,10 +102,14 @@ class StepRecorder(TrainerCallback):
     def __init__(self) -> None:
         self.trainer: LongContextDPOTrainer | None = None
         self.local_pairs: list[int] = []
+        self.selections: list = []
+
+    def on_step_judged(self, args: Any, state: Any, control: Any, *, judged: Any, **kwargs: Any) -> None:
+        self.selections = judged.selections
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.trainer is not None
-        self.local_pairs.append(sum(1 for s in self.trainer.last_selections if s.ok))
+        self.local_pairs.append(sum(1 for s in self.selections if s.ok))
 
 
 def main() -> None:
@@ -122,8 +126,8 @@ def main() -> None:
         ddp_backend="gloo",
         per_device_train_batch_size=cli.per_device_train_batch_size,
         max_steps=cli.max_steps,
-        num_samples=cli.num_samples,
-        max_new_tokens=8,
+        num_generations=cli.num_generations,
+        max_completion_length=8,
     )
     judge = OpenAIJudge("scripted-judge", cli.judge_url, max_concurrency=8, extra_body={"user": f"rank-{rank}"})
     long_reward = LongRewardFunction(judge=judge, retriever="bm25", chunk_tokenizer="regex")

@@ -52,13 +52,6 @@ class JudgeError(RuntimeError):
     """A judge call failed for good (after the backend's own transport retries)."""
 
 
-class JudgeUnavailableError(RuntimeError):
-    """Training stopped because the judge failed every call for several consecutive steps.
-
-    A checkpoint was saved first and the judge cache is intact: bring the judge back and resume from the checkpoint.
-    """
-
-
 @dataclass
 class JudgeStats:
     """Counters a backend keeps; read them to see what a run cost."""

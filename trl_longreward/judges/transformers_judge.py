@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
-from trl_longreward.judges.local import BatchingJudge, BatchResult
+from trl_longreward.judges.batching import BatchingJudge, BatchResult
 from trl_longreward.models import left_pad, truncate_at_eos
 
 if TYPE_CHECKING:
@@ -70,21 +70,22 @@ class TransformersJudge(BatchingJudge):
         min_prefix_tokens: int = 64,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from trl_longreward.models import DEFAULT_MODEL_NAME, check_model_source, default_model_path
+        from trl_longreward.models import DEFAULT_MODEL_NAME, default_model_path, load_causal_lm
 
         model_id: str | None = None
         if model is None:
             model, model_id = default_model_path(), DEFAULT_MODEL_NAME
         if isinstance(model, str | Path):
-            check_model_source(model, option="judge_model")
             target = torch.device(device) if device is not None else _auto_device()
             if dtype is None:
                 dtype = torch.float32 if target.type == "cpu" else "auto"  # type: ignore[assignment]
-            if tokenizer is None:
-                tokenizer = str(model)
-            model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype).to(target)
+            model, loaded_tokenizer = load_causal_lm(
+                model, dtype=dtype, device=target, option="judge_model", tokenizer=tokenizer
+            )
+            if tokenizer is None or isinstance(tokenizer, str | Path):
+                tokenizer = loaded_tokenizer
         elif device is not None:
             model = model.to(device)
         if tokenizer is None:

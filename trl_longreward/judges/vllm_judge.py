@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
-from trl_longreward.judges.local import BatchingJudge, BatchResult
+from trl_longreward.judges.batching import BatchingJudge, BatchResult
 
 __all__ = ["VLLM_INSTALL_HINT", "VLLMJudge"]
 

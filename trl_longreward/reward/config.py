@@ -42,7 +42,8 @@ class LongRewardConfig:
         > Pipelines
 
         dimensions (`list[str]`): Which of helpfulness, logicality, faithfulness, completeness to score.
-        dimension_weights (`dict[str, float]` or `None`): Weights of the mean; `None` means equal (the paper).
+        dimension_weights (`dict[str, float]`, `str` or `None`): Weights of the mean; `None` means equal (the paper).
+            A JSON object string (the command line) is parsed, as TRL parses its dict-valued fields.
         max_missing_dimensions (`int`): The reward is `None` when more dimensions than this failed. The reference code
             only kept responses with all four scores, hence 0.
         max_attempts (`int`): Tries per judge call whose answer cannot be parsed (reference: 5).
@@ -117,8 +118,12 @@ class LongRewardConfig:
     dimensions: list[str] = field(
         default_factory=lambda: list(DIMENSIONS), metadata={"help": "Dimensions to score (subset of the four)."}
     )
-    dimension_weights: dict[str, float] | None = field(
-        default=None, metadata={"help": "Weights of the mean over dimensions; default equal (the paper)."}
+    dimension_weights: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Weights of the mean over dimensions, e.g. '{\"faithfulness\": 2}' on the command line; default "
+            "equal (the paper)."
+        },
     )
     max_missing_dimensions: int = field(
         default=0, metadata={"help": "The reward is None when more dimensions than this failed."}
@@ -192,9 +197,27 @@ class LongRewardConfig:
         default=None,
         metadata={"help": "SQLite file of the persistent judge-call cache; None keeps the cache in memory only."},
     )
-    show_progress: bool = field(default=False, metadata={"help": "Show a progress bar while judging."})
+    show_progress: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Progress bar while judging (responses judged, judge calls, ETA); default: when the output is a "
+            "terminal."
+        },
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.dimension_weights, str):  # from the command line, as TRL parses its dict fields
+            import json
+
+            try:
+                self.dimension_weights = json.loads(self.dimension_weights)
+            except ValueError as err:
+                raise ValueError(
+                    f"dimension_weights={self.dimension_weights!r} is not a JSON object, e.g. "
+                    '\'{"helpfulness": 1, "faithfulness": 2}\'.'
+                ) from err
+        if self.dimension_weights is not None and not isinstance(self.dimension_weights, dict):
+            raise ValueError(f"dimension_weights must map dimensions to weights, got {self.dimension_weights!r}.")
         unknown = [d for d in self.dimensions if d not in DIMENSIONS]
         if unknown or not self.dimensions:
             raise ValueError(f"dimensions={self.dimensions!r}: choose one or more of {list(DIMENSIONS)}.")
@@ -261,6 +284,14 @@ class LongRewardConfig:
     def judge_base_urls(self) -> list[str]:
         """The judge endpoint URLs (`judge_base_url` split into its replicas; empty when unset)."""
         return parse_base_urls(self.judge_base_url, name="judge_base_url")
+
+    def document_columns(self) -> dict[str, str]:
+        """Where rows hold the document and the question (`trl_longreward.documents`' keyword arguments)."""
+        return {
+            "context_column": self.context_column,
+            "question_column": self.question_column,
+            "separator": self.prompt_separator,
+        }
 
     def weight(self, dimension: str) -> float:
         return 1.0 if self.dimension_weights is None else float(self.dimension_weights.get(dimension, 0.0))

@@ -13,11 +13,11 @@ from typing import Any
 
 from ..judges.base import Judge
 from ..judges.cache import JudgeCallCache
-from .calls import JudgeRunner
 from .config import LongRewardConfig
 from .dimensions import FAILED, NOT_APPLICABLE, OK, SCORERS, DimensionResult, PromptState, ScoringServices
 from .inputs import Sample, resolve_samples
 from .retrieval import Retriever, TokenChunker
+from .runner import JudgeRunner
 
 _MAX_PROMPT_STATES = 256
 
@@ -113,7 +113,7 @@ class LongRewardFunction:
             config = LongRewardConfig(**{**asdict(config), **overrides})
         self.config = config
         if judge is None:
-            from ..judges import build_judge
+            from .judge_factory import build_judge
 
             judge = build_judge(config)
         self.judge = judge
@@ -137,8 +137,6 @@ class LongRewardFunction:
         self.scorers = {name: SCORERS[name](self.services) for name in config.dimensions}
         self._states: OrderedDict[str, PromptState] = OrderedDict()
         self._loop: _LoopThread | None = None
-        self.last_judgements: list[Judgement] = []
-        self.last_metrics: dict[str, float] = {}
 
     # ----- TRL reward-function protocol -----
 
@@ -149,39 +147,59 @@ class LongRewardFunction:
         completion_ids: Any = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        judgements = self.score(prompts=prompts, completions=completions, **kwargs)
+        judgements, metrics = self.score_batch(prompts=prompts, completions=completions, **kwargs)
         log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
         if log_metric is not None:
-            for name, value in self.last_metrics.items():
+            for name, value in metrics.items():
                 log_metric(name, value)
         return [j.reward for j in judgements]
 
     def score(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any):
         """Like `__call__`, but returns a `Judgement` (scores, statuses, traces) per completion."""
+        return self.score_batch(prompts=prompts, completions=completions, **kwargs)[0]
+
+    def score_batch(
+        self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any
+    ) -> tuple[list[Judgement], dict[str, float]]:
+        """The `Judgement`s of a batch and its metrics (per-dimension means, standard deviations and missing rates,
+        and the batch's judge calls, cache hits, parse failures and errors, as `__call__` logs them)."""
         samples = self._samples(prompts, completions, kwargs)
-        return self._loop_thread().run(self._score_samples(samples))
+        return self.run(self._score_samples(samples))
 
     async def ascore(self, prompts=None, completions=None, **kwargs: Any) -> list[Judgement]:
         """Async face of `score`, awaitable from any event loop."""
+        return (await self.ascore_batch(prompts=prompts, completions=completions, **kwargs))[0]
+
+    async def ascore_batch(self, prompts=None, completions=None, **kwargs: Any):
+        """Async face of `score_batch`, awaitable from any event loop."""
         samples = self._samples(prompts, completions, kwargs)
         return await self._loop_thread().arun(self._score_samples(samples))
+
+    def run(self, coroutine: Any) -> Any:
+        """Run a coroutine on the reward's own event loop (where its judge's connections live) and return its
+        result; for code that issues its own judge calls through this reward's runner (e.g. `ReferenceRater`)."""
+        return self._loop_thread().run(coroutine)
+
+    def call_counts(self) -> dict[str, int]:
+        """Cumulative judge calls sent, cache hits, parse failures and judge errors of this reward function."""
+        return self.runner.counters.totals()
 
     def as_async(self) -> Callable[..., Any]:
         """An async reward function with the same name, for trainers that gather async rewards concurrently."""
         reward = self
 
         async def long_reward(prompts=None, completions=None, completion_ids=None, **kwargs: Any):
-            judgements = await reward.ascore(prompts=prompts, completions=completions, **kwargs)
+            judgements, metrics = await reward.ascore_batch(prompts=prompts, completions=completions, **kwargs)
             log_metric = kwargs.get("log_metric")
             if log_metric is not None:
-                for name, value in reward.last_metrics.items():
+                for name, value in metrics.items():
                     log_metric(name, value)
             return [j.reward for j in judgements]
 
         return long_reward
 
     def score_samples(self, samples: Sequence[Sample]) -> list[Judgement]:
-        return self._loop_thread().run(self._score_samples(list(samples)))
+        return self.run(self._score_samples(list(samples)))[0]
 
     # ----- internals -----
 
@@ -237,24 +255,25 @@ class LongRewardFunction:
             trace={n: r.trace for n, r in by_name.items()},
         )
 
-    async def _score_samples(self, samples: list[Sample]) -> list[Judgement]:
+    async def _score_samples(self, samples: list[Sample]) -> tuple[list[Judgement], dict[str, float]]:
         before = self.runner.counters.totals()
         unique: dict[Sample, asyncio.Task] = {}
         for sample in samples:
             if sample not in unique:  # identical (context, question, response) rows are judged once
                 unique[sample] = asyncio.ensure_future(self._judge_one(sample))
-        if self.config.show_progress:
-            from tqdm.auto import tqdm
+        # None: a bar only when stderr is a terminal (tqdm's disable=None), so logs and CI stay clean
+        disable = None if self.config.show_progress is None else not self.config.show_progress
+        from tqdm.auto import tqdm
 
-            with tqdm(total=len(unique), desc="LongReward judging", unit="response") as bar:
-                for task in asyncio.as_completed(list(unique.values())):
-                    await task
-                    bar.update(1)
+        with tqdm(total=len(unique), desc="LongReward judging", unit="response", disable=disable) as bar:
+            for task in asyncio.as_completed(list(unique.values())):
+                await task
+                bar.update(1)
+                totals = self.runner.counters.totals()
+                bar.set_postfix(calls=totals["judge_calls"] - before["judge_calls"], refresh=False)
         done = {sample: await task for sample, task in unique.items()}
         judgements = [done[s] for s in samples]
-        self.last_judgements = judgements
-        self.last_metrics = batch_metrics(judgements, list(self.scorers), before, self.runner.counters.totals())
-        return judgements
+        return judgements, batch_metrics(judgements, list(self.scorers), before, self.runner.counters.totals())
 
     def stats(self) -> dict[str, Any]:
         """Cumulative cost of this reward function: judge calls sent, cache hits, parse failures, judge errors; with a

@@ -12,50 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..documents import message_text, split_prompt
+
 
 @dataclass(frozen=True)
 class Sample:
     context: str
     question: str
     response: str
-
-
-def message_text(value: Any, *, what: str, index: int, role: str | None = None) -> str:
-    """Text of a plain string or of a chat (list of messages): the last message (of `role`, when given)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "content" in value:
-        value = [value]
-    if isinstance(value, Sequence) and value and all(isinstance(m, dict) and "content" in m for m in value):
-        messages = [m for m in value if role is None or m.get("role") == role] or list(value)
-        content = messages[-1]["content"]
-        if isinstance(content, list):  # multimodal-style content parts: keep the text parts
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        if not isinstance(content, str):
-            raise TypeError(f"{what}[{index}]: message content must be a string, got {type(content).__name__}.")
-        return content
-    raise TypeError(
-        f"{what}[{index}] must be a string or a list of chat messages ({{'role': ..., 'content': ...}}), "
-        f"got {type(value).__name__}: {str(value)[:80]!r}."
-    )
-
-
-def split_prompt(prompt: str, *, question: str | None, separator: str, index: int) -> tuple[str, str]:
-    """Split a prompt into (context, question). With a known question, the context is what precedes it."""
-    if question is not None:
-        stripped = prompt.rstrip()
-        if stripped.endswith(question.strip()):
-            return stripped[: len(stripped) - len(question.strip())].rstrip(), question
-        if separator in prompt:
-            return prompt.rsplit(separator, 1)[0], question
-        return prompt, question
-    if separator not in prompt:
-        raise ValueError(
-            f"prompts[{index}]: cannot find the document in the prompt. Give the dataset 'context' and 'question' "
-            f"columns (or set context_column/question_column), or write prompts as context + {separator!r} + question."
-        )
-    context, question = prompt.rsplit(separator, 1)
-    return context, question
 
 
 def _column(kwargs: dict[str, Any], name: str, size: int) -> list[Any] | None:

@@ -31,7 +31,6 @@ from .parsing import (
     STATEMENT_PATTERN,
     SUPPORT_PATTERN,
     SUPPORT_VALUES,
-    VerdictParsers,
     parse_notes,
     parse_score,
     parse_statements,
@@ -154,11 +153,3 @@ def parse_statements_lenient(text: str) -> list[str] | None:
 def parse_notes_lenient(text: str) -> str | None:
     """Chunk notes are read as in strict mode: `parse_notes` already accepts any numbered list after a preamble."""
     return parse_notes(text)
-
-
-LENIENT_PARSERS = VerdictParsers(
-    score=parse_score_lenient,
-    support=parse_support_lenient,
-    statements=parse_statements_lenient,
-    notes=parse_notes_lenient,
-)

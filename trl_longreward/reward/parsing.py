@@ -4,15 +4,13 @@ Every parser returns `None` when the judge's text does not follow the protocol; 
 LAST verdict in the judge's text counts: the judge writes its analysis first and its verdict at the end, and a verdict
 quoted from the judged response (an injection attempt) comes earlier than the judge's own.
 
-`verdict_parsers(mode)` gives the parser set a reward uses: these strict ones (the paper), or the lenient ones for weak
-judges (`lenient_parsing.py`, a documented deviation).
+`verdicts.verdict_parsers(mode)` gives the parser set a reward uses: these strict ones (the paper), or the lenient
+ones for weak judges (`lenient_parsing.py`, a documented deviation).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 
 SCORE_PATTERN = re.compile(r"\[\[(\d+(?:\.\d+)?)\]\]")
 SUPPORT_PATTERN = re.compile(r"\[\[([ /a-zA-Z]+)\]\]")
@@ -73,29 +71,3 @@ def parse_notes(text: str) -> str | None:
     if _final_line_is(text, NO_RELEVANT_INFORMATION):
         return ""
     return None
-
-
-@dataclass(frozen=True)
-class VerdictParsers:
-    """The parsers of one `verdict_parsing` mode: 0-10 scores, support labels, statements and chunk notes."""
-
-    score: Callable[[str], float | None]
-    support: Callable[[str], float | None]
-    statements: Callable[[str], list[str] | None]
-    notes: Callable[[str], str | None]
-
-
-STRICT_PARSERS = VerdictParsers(
-    score=parse_score, support=parse_support, statements=parse_statements, notes=parse_notes
-)
-
-
-def verdict_parsers(mode: str = "strict") -> VerdictParsers:
-    """`"strict"`: the paper's protocol (above); `"lenient"`: it plus the forms weak judges write instead."""
-    if mode == "strict":
-        return STRICT_PARSERS
-    if mode == "lenient":
-        from .lenient_parsing import LENIENT_PARSERS  # it builds on this module's strict parsers
-
-        return LENIENT_PARSERS
-    raise ValueError(f"verdict_parsing={mode!r}: use strict or lenient.")

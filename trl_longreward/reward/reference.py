@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .calls import JudgeRunner, describe_call
-from .parsing import parse_score, verdict_parsers
+from .parsing import parse_score
+from .runner import JudgeRunner, describe_call
+from .verdicts import verdict_parsers
 
 if TYPE_CHECKING:
     from .function import LongRewardFunction
@@ -82,7 +83,7 @@ class ReferenceRater:
             )
 
         # The judge's async client is bound to the reward function's private loop: run there.
-        return self.reward._loop_thread().run(rate_all())
+        return self.reward.run(rate_all())
 
     def stats(self) -> dict[str, int]:
         """Rating calls sent to the judge, answered from the cache, unparseable, failed."""

@@ -1,82 +1,131 @@
-"""`LongContextDPOConfig`: TRL's `DPOConfig` with the paper's defaults and the online-sampling knobs."""
+"""`LongContextDPOConfig`: TRL's `DPOConfig` with the paper's defaults and the online-sampling options, named as in
+TRL's `GRPOConfig` where GRPO has the same option."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trl import DPOConfig
 
+from ..pairs import check_sampling_options
+
 
 @dataclass
 class LongContextDPOConfig(DPOConfig):
     r"""
-    Configuration of [`LongContextDPOTrainer`]. All `trl.DPOConfig` fields apply; defaults follow the paper.
+    Configuration class for [`LongContextDPOTrainer`]. All `trl.DPOConfig` fields apply; the defaults below follow
+    the paper (arXiv 2410.21252, docs/method.md section 4).
 
     Parameters:
-        > DPO (paper defaults)
+        > Parameters whose default values are overridden from DPOConfig
 
-        beta: 0.15. loss_type / loss_weights: `["sigmoid", "sft"]` / `[1.0, 0.1]` (DPO + 0.1 x NLL of the chosen
-        response). learning_rate: 1e-6.
+        beta (`float`, *optional*, defaults to `0.15`):
+            DPO beta (paper: 0.15).
+        learning_rate (`float`, *optional*, defaults to `1e-6`):
+            Learning rate (paper: 1e-6).
+        loss_type (`list[str]`, *optional*, defaults to `["sigmoid", "sft"]`) and loss_weights (`list[float]`,
+            *optional*, defaults to `[1.0, 0.1]`):
+            DPO + 0.1 x NLL of the chosen response, the paper's loss.
+        max_length (`int` or `None`, *optional*, defaults to `None`):
+            Cap on prompt+response tokens; `None`: prompts are fitted by `max_prompt_length` instead.
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Keep dataset columns: the reward needs the context and the question.
 
-        > Online sampling
+        > Parameters that control the generation (as in GRPOConfig)
 
-        num_samples (`int`, defaults to 4): Responses sampled per prompt from the current policy (k; the paper used
-            10). Must be >= 2.
-        temperature / top_p (`float`): Sampling settings (paper: temperature 1.0).
-        max_new_tokens (`int`): Length budget of each sampled response.
-        max_prompt_length (`int`): Token budget of the policy's prompt; longer documents are cut in the MIDDLE (head
-            and tail kept, never the question). The judge always sees the full document.
-        generation_backend (`str`): `"transformers"` (generate inside the training process), `"vllm_colocate"`
-            (a vLLM engine inside each training process, sharing its GPU) or `"vllm_server"` (a `trl vllm-serve`
-            server on other GPUs; weights pushed after every optimizer step), both through `trl.generation`.
-        vllm_server_base_url / vllm_server_host / vllm_server_port / vllm_group_port / vllm_server_timeout: where the
-            `vllm_server` backend finds the server (as in TRL's GRPOConfig).
-        vllm_gpu_memory_utilization / vllm_tensor_parallel_size / vllm_max_model_length / vllm_enable_sleep_mode:
-            the `vllm_colocate` engine's settings.
-        generation_batch_size (`int` or `None`): Prompts per `generate` call; None = the whole per-device batch.
+        num_generations (`int`, *optional*, defaults to `4`):
+            Responses sampled per prompt from the current policy (k; the paper used 10). Must be >= 2.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature (paper: 1.0). Must be > 0.
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Nucleus sampling top_p.
+        max_completion_length (`int`, *optional*, defaults to `256`):
+            Maximum tokens of each sampled response.
+        max_prompt_length (`int`, *optional*, defaults to `2048`):
+            Token budget of the policy's prompt; longer documents are cut in the MIDDLE (head and tail kept, never the
+            question). The judge always reads the full document.
+        generation_micro_batch_size (`int` or `None`, *optional*, defaults to `None`):
+            Prompts per transformers `generate` call (each with its k samples); `None`: the whole per-device batch.
+            (GRPO's `generation_batch_size` counts completions per generation round, a different thing, hence the
+            different name.)
+        shared_prefill (`bool`, *optional*, defaults to `True`):
+            The k samples of a prompt share one prefill of the long prompt (its KV cache repeated k times) instead of
+            k prefills (`generate(num_return_sequences=k)`).
 
-        > Pairs
+        > Parameters that control generation with vLLM (GRPOConfig's names and meanings)
 
-        num_iterations (`int`, defaults to 1): How often new pairs are generated: each batch of prompts is served
-            `num_iterations` times in a row (TRL's `RepeatSampler`, as GRPO does) and the pairs generated and judged
-            for it the first time are trained on every time. 1 = fresh pairs from the current policy every step.
-        min_scored_samples (`int` or `None`): Samples of a prompt that must be scored for a pair; None = half of
-            `num_samples`, rounded up, at least 2 (the reference: 5 of 10).
-        min_reward_gap (`float`): Minimum chosen-rejected reward difference (the reference had none: 0).
-        tie_policy (`str`): `"skip"`: no pair when every scored sample has the same reward.
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Sample with vLLM through `trl.generation.VLLMGeneration` instead of transformers `generate`. Needs
+            `pip install "trl-longreward[vllm]"`.
+        vllm_mode (`str`, *optional*, defaults to `"colocate"`):
+            `"colocate"`: a vLLM engine inside each training process, sharing its GPU; `"server"`: a `trl vllm-serve`
+            server on other GPUs, the policy's weights pushed after every optimizer step.
+        vllm_server_base_url (`str` or `None`, *optional*, defaults to `None`):
+            Base URL of the vLLM server (server mode); overrides `vllm_server_host` and `vllm_server_port`.
+        vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`) and vllm_server_port (`int`, *optional*,
+            defaults to `8000`):
+            Where the vLLM server listens (server mode).
+        vllm_group_port (`int`, *optional*, defaults to `51216`):
+            Port of the weight-update group (server mode).
+        vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+            Seconds to wait for the server to come up (server mode).
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`), vllm_tensor_parallel_size (`int`,
+            *optional*, defaults to `1`), vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`),
+            vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
+            The colocated engine's settings.
 
-        > Reward
+        > Parameters that control the pairs
 
-        long_reward (`dict` or `None`): `LongRewardConfig` fields for the default reward when `reward_funcs` is not
-            passed to the trainer (e.g. `{"judge_base_url": ..., "judge_model": ...}`).
-        reward_weights (`list[float]` or `None`): Weights of several reward functions; default equal.
-        judge_cache_path (`str` or `None`): Judge-call cache of the default reward; None =
-            `<output_dir>/judge_cache.sqlite`, so a resumed run never pays for a judge call twice.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            How often new pairs are generated: each batch of prompts is served `num_iterations` times in a row (TRL's
+            `RepeatSampler`, as GRPO does) and the pairs generated and judged for it the first time are trained on
+            every time. 1 = fresh pairs from the current policy every step.
+        min_scored_samples (`int` or `None`, *optional*, defaults to `None`):
+            Samples of a prompt that must be scored for a pair; `None` = half of `num_generations`, rounded up, at
+            least 2 (the reference: 5 of 10).
+        min_reward_gap (`float`, *optional*, defaults to `0.0`):
+            Minimum chosen-rejected reward difference (the reference had none).
+        tie_policy (`str`, *optional*, defaults to `"skip"`):
+            When every scored sample has the same reward: `"skip"` (no pair) or `"first_last"`.
 
-        > Offline pairs
+        > Parameters that control the reward
 
-        offline_ratio (`float`): Share of each batch's pairs taken from `offline_dataset` (prompt/chosen/rejected, e.g.
-            ordinary short-context DPO data). 0 = online pairs only.
+        long_reward (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            `LongRewardConfig` fields of the default reward, used when `reward_funcs` is not passed to the trainer
+            (e.g. `{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}`); on the command line a
+            JSON object string, parsed as TRL parses its dict-valued fields.
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of several reward functions; `None`: equal.
+        judge_cache_path (`str` or `None`, *optional*, defaults to `None`):
+            Judge-call cache of the default reward; `None` = `<output_dir>/judge_cache.sqlite`, so a resumed run
+            never pays for a judge call twice.
 
-        > Reliability
+        > Parameters that control offline pairs
 
-        max_judge_outage_steps (`int`, defaults to 3): When every sample of a step is unscored because the judge
-            failed (errors, not malformed answers) for this many consecutive steps on all ranks, the trainer saves a
-            checkpoint and raises `JudgeUnavailableError` naming the endpoint and the resume command. 0: never stop.
+        offline_ratio (`float`, *optional*, defaults to `0.0`):
+            Share of each batch's pairs taken from `offline_dataset` (prompt/chosen/rejected rows, e.g. ordinary
+            short-context DPO data). 0 = online pairs only.
 
-        > Speed
+        > Parameters that control reliability
 
-        shared_prefill (`bool`, defaults to True): The k samples of a prompt share one prefill of the long prompt (its
-            KV cache is repeated k times) instead of k prefills (`generate(num_return_sequences=k)`).
-        prompt_once (`bool`, defaults to True): Run each pair as ONE sequence [prompt, chosen, rejected] (branches
-            masked from each other, positions restarting after the prompt) instead of TRL's two rows, for both the
-            policy and the reference: a long prompt is processed once per model, not twice. Same log-probs, loss and
-            gradients. Needs an attention implementation that takes a custom mask (sdpa, eager, flex_attention); with
-            flash-attention, MoE auxiliary loss, vision inputs or prompt-learning PEFT the step falls back to TRL's
-            two rows (with a warning).
+        max_judge_outage_steps (`int`, *optional*, defaults to `3`):
+            When every sample of a step is unscored because the judge failed (errors, not malformed answers) for this
+            many consecutive steps on all ranks, the trainer saves a checkpoint and raises `JudgeUnavailableError`
+            naming the endpoint and the resume command. 0: never stop.
+
+        > Parameters that control the DPO forward
+
+        prompt_once (`bool`, *optional*, defaults to `True`):
+            Run each pair as ONE sequence [prompt, chosen, rejected] (branches masked from each other, positions
+            restarting after the prompt) instead of TRL's two rows, for the policy and the reference: a long prompt
+            is processed once per model, not twice. Same log-probs, loss and gradients. Needs an attention
+            implementation that takes a custom mask (sdpa, eager, flex_attention); with flash-attention, MoE
+            auxiliary loss, vision inputs or prompt-learning PEFT the step falls back to TRL's two rows (with a
+            warning).
     """
+
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward"]
 
     beta: float = field(default=0.15, metadata={"help": "DPO beta (paper: 0.15)."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate (paper: 1e-6)."})
@@ -94,18 +143,22 @@ class LongContextDPOConfig(DPOConfig):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep dataset columns: the reward needs context and question."}
     )
-    num_samples: int = field(default=4, metadata={"help": "Responses sampled per prompt (k; paper: 10)."})
+    num_generations: int = field(default=4, metadata={"help": "Responses sampled per prompt (k; paper: 10)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top_p."})
-    max_new_tokens: int = field(default=256, metadata={"help": "Max tokens per sampled response."})
+    max_completion_length: int = field(default=256, metadata={"help": "Max tokens per sampled response."})
     max_prompt_length: int = field(
         default=2048, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
     )
-    generation_backend: Literal["transformers", "vllm_colocate", "vllm_server"] = field(
-        default="transformers",
+    use_vllm: bool = field(
+        default=False,
+        metadata={"help": "Sample with vLLM (trl.generation.VLLMGeneration) instead of transformers generate."},
+    )
+    vllm_mode: str = field(
+        default="colocate",
         metadata={
-            "help": "How responses are sampled: transformers (generate in process), vllm_colocate (vLLM in each "
-            "training process) or vllm_server (a `trl vllm-serve` server on other GPUs)."
+            "help": "vLLM mode: colocate (an engine in each training process) or server (a `trl vllm-serve` "
+            "server on other GPUs)."
         },
     )
     vllm_server_base_url: str | None = field(
@@ -127,11 +180,12 @@ class LongContextDPOConfig(DPOConfig):
     vllm_enable_sleep_mode: bool = field(
         default=False, metadata={"help": "vllm_colocate: offload the engine's memory during the DPO step."}
     )
-    generation_batch_size: int | None = field(
-        default=None, metadata={"help": "Prompts per generate call; default: the whole per-device batch."}
+    generation_micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts per transformers generate call (k samples each); default: the per-device batch."},
     )
     min_scored_samples: int | None = field(
-        default=None, metadata={"help": "Scored samples needed for a pair; default ceil(num_samples / 2), >= 2."}
+        default=None, metadata={"help": "Scored samples needed for a pair; default ceil(num_generations / 2), >= 2."}
     )
     num_iterations: int = field(
         default=1,
@@ -145,8 +199,12 @@ class LongContextDPOConfig(DPOConfig):
     tie_policy: Literal["skip", "first_last"] = field(
         default="skip", metadata={"help": "When all scored samples tie: skip (no pair) or first_last."}
     )
-    long_reward: dict[str, Any] | None = field(
-        default=None, metadata={"help": "LongRewardConfig fields for the default reward (judge endpoint etc.)."}
+    long_reward: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "LongRewardConfig fields for the default reward (judge endpoint etc.); on the command line a JSON "
+            'object, e.g. \'{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}\'.'
+        },
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions; default equal."}
@@ -168,7 +226,7 @@ class LongContextDPOConfig(DPOConfig):
     shared_prefill: bool = field(
         default=True,
         metadata={
-            "help": "Prefill each prompt once for its num_samples samples (KV cache repeated per sample) instead of "
+            "help": "Prefill each prompt once for its num_generations samples (KV cache repeated per sample) instead of "
             "once per sample as generate(num_return_sequences=k) does."
         },
     )
@@ -181,40 +239,42 @@ class LongContextDPOConfig(DPOConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.num_samples < 2:
+        super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
+        if self.long_reward is not None and not isinstance(self.long_reward, dict):
             raise ValueError(
-                f"num_samples={self.num_samples}: best-vs-worst pairs need at least 2 samples per prompt "
-                "(the paper used 10)."
+                f"long_reward must be a mapping of LongRewardConfig fields (a JSON object on the command line), got "
+                f"{self.long_reward!r}."
             )
-        if self.min_scored_samples is None:
-            self.min_scored_samples = max(2, math.ceil(self.num_samples / 2))
-        if not 2 <= self.min_scored_samples <= self.num_samples:
-            raise ValueError(f"min_scored_samples must be in [2, num_samples={self.num_samples}].")
-        if self.generation_backend not in ("transformers", "vllm_colocate", "vllm_server"):
-            raise ValueError(
-                f"generation_backend={self.generation_backend!r}: use transformers, vllm_colocate or vllm_server."
-            )
-        if self.generation_backend != "transformers":
+        self.min_scored_samples = check_sampling_options(
+            num_generations=self.num_generations,
+            min_scored_samples=self.min_scored_samples,
+            temperature=self.temperature,
+            max_completion_length=self.max_completion_length,
+            max_prompt_length=self.max_prompt_length,
+            min_reward_gap=self.min_reward_gap,
+            tie_policy=self.tie_policy,
+        )
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"vllm_mode={self.vllm_mode!r}: use colocate or server.")
+        if self.use_vllm:
             from trl.import_utils import is_vllm_available
 
             if not is_vllm_available():
                 raise ValueError(
-                    f"generation_backend={self.generation_backend!r} needs vLLM: pip install 'trl-longreward[vllm]' "
-                    "(or use generation_backend='transformers')."
+                    "use_vllm=True needs vLLM: pip install 'trl-longreward[vllm]' (or leave use_vllm=False to sample "
+                    "with transformers generate)."
                 )
+        if self.generation_micro_batch_size is not None and self.generation_micro_batch_size < 1:
+            raise ValueError(
+                f"generation_micro_batch_size={self.generation_micro_batch_size}: must be >= 1 (or None: the whole "
+                "per-device batch)."
+            )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1 (1: new pairs every step), got {self.num_iterations}.")
         if self.max_judge_outage_steps < 0:
             raise ValueError("max_judge_outage_steps must be >= 0 (0: never stop).")
         if not 0.0 <= self.offline_ratio < 1.0:
             raise ValueError(f"offline_ratio must be in [0, 1), got {self.offline_ratio}.")
-        if self.min_reward_gap < 0:
-            raise ValueError("min_reward_gap must be >= 0.")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0: pairs need diverse samples.")
-        if self.max_new_tokens < 1 or self.max_prompt_length < 16:
-            raise ValueError("max_new_tokens must be >= 1 and max_prompt_length >= 16.")
         if self.precompute_ref_log_probs:
             raise ValueError(
                 "precompute_ref_log_probs=True cannot apply: the pairs are generated during training. Set it to False."

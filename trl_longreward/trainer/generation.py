@@ -1,150 +1,109 @@
-"""Sample k responses per prompt from the current policy with `generate` (TRL's unwrap handles DeepSpeed/FSDP).
+"""The trainer's sampler: k responses per prompt from the current policy.
 
-Shared prefill: `generate(num_return_sequences=k)` copies each prompt k times BEFORE the prefill, so a long document
-is prefilled k times. Here the prompt batch is prefilled once (all tokens but the last), its KV cache is repeated k
-times (`Cache.batch_repeat_interleave`), and `generate` continues from it: the k samples share one prefill. The
-tokens drawn are the same computation; with greedy decoding the outputs equal plain `generate`'s (tested).
+With transformers `generate` (TRL's `unwrap_model_for_generation` handles DDP/DeepSpeed/FSDP; the generation itself
+is the package's one helper, `trl_longreward.generation.sample_responses`), or with TRL's `VLLMGeneration`
+(`use_vllm=True`, `vllm_mode` colocate or server), to which the policy's weights are pushed once per optimizer step.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from trl.models.utils import unwrap_model_for_generation
 
-from ..models import left_pad, truncate_at_eos, unpack_cpu_4bit_weights
+from ..generation import sample_responses
+from ..models import truncate_at_eos
 
 
-@torch.no_grad()
-def sample_responses(
-    model: Any,
-    tokenizer: Any,
-    prompt_ids: list[list[int]],
-    *,
-    num_samples: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    batch_size: int | None = None,
-    device: Any = None,
-    shared_prefill: bool = True,
-    do_sample: bool = True,
-) -> list[list[dict[str, Any]]]:
-    """`num_samples` sampled responses per prompt (left-padded batches of `batch_size` prompts), each a dict with
-    `completion_ids` (up to and including the first EOS) and the decoded `text`. The model is put in eval mode for
-    the duration and restored. `shared_prefill`: prefill each prompt once for its k samples (see the module doc)."""
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = device if device is not None else next(model.parameters()).device
-    batch_size = batch_size or len(prompt_ids)
-    out: list[list[dict[str, Any]]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[start : start + batch_size]
-            input_ids, attention_mask = left_pad(chunk, pad_id)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            settings = dict(
-                do_sample=do_sample,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                use_cache=True,
-            )
-            if do_sample:
-                settings.update(temperature=temperature, top_p=top_p, top_k=0)
-            cache = _prefill(model, input_ids, attention_mask) if shared_prefill and num_samples > 1 else None
-            if cache is not None:
-                cache.batch_repeat_interleave(num_samples)
-                generated = model.generate(
-                    input_ids=input_ids.repeat_interleave(num_samples, dim=0),
-                    attention_mask=attention_mask.repeat_interleave(num_samples, dim=0),
-                    past_key_values=cache,
-                    **settings,
-                )
-            else:
-                generated = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=num_samples, **settings
-                )
-            new_tokens = generated[:, input_ids.shape[1] :].tolist()
-            for i in range(len(chunk)):
-                per_prompt = []
-                for row in new_tokens[i * num_samples : (i + 1) * num_samples]:
-                    ids = truncate_at_eos(row, eos_ids)
-                    per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
-                out.append(per_prompt)
-    finally:
-        if was_training:
-            model.train()
-            unpack_cpu_4bit_weights(model)
-    return out
+class PolicySampler:
+    """Samples `args.num_generations` responses per prompt row (`prompt_ids`) from the policy.
 
-
-def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-    """The KV cache of all prompt tokens but the last (generate needs one uncached token), or None if the model's
-    cache cannot be repeated per sample (then the caller falls back to `num_return_sequences`)."""
-    if input_ids.shape[1] < 2 or getattr(model.config, "is_encoder_decoder", False):
-        return None
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    outputs = model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = getattr(outputs, "past_key_values", None)
-    return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
-
-
-def generate_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """The trainer's policy samples `num_samples` responses for each row (unwrapped from DDP/DeepSpeed/FSDP), or
-    vLLM does (`trainer.vllm_generation`) with the policy's current weights."""
-    args = trainer.args
-    if getattr(trainer, "vllm_generation", None) is not None:
-        return vllm_samples(trainer, rows)
-    with unwrap_model_for_generation(
-        trainer.model_wrapped, trainer.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
-    ) as model:
-        return sample_responses(
-            model,
-            trainer._tokenizer,
-            [r["prompt_ids"] for r in rows],
-            num_samples=args.num_samples,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.generation_batch_size,
-            device=trainer.accelerator.device,
-            shared_prefill=args.shared_prefill,
-        )
-
-
-def vllm_samples(trainer: Any, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """`num_samples` responses per row from TRL's `VLLMGeneration` (colocate or server mode).
-
-    The policy's weights are pushed to vLLM once per optimizer step (before the first generation after it). Prompts
-    are passed repeated `num_samples` times consecutively, as `VLLMGeneration.generate` expects.
+    Each response is `{"completion_ids": [...], "text": ...}`, the ids up to and including the first EOS.
+    `vllm_generation` is TRL's `VLLMGeneration` when `args.use_vllm`, else None.
     """
-    k = trainer.args.num_samples
-    step = trainer.state.global_step
-    if trainer._vllm_synced_step != step:
-        trainer.vllm_generation.sync_weights()
-        trainer._vllm_synced_step = step
-    prompts = [row["prompt_ids"] for row in rows for _ in range(k)]
-    _, completion_ids, _, _ = trainer.vllm_generation.generate(prompts=prompts, images=None, num_generations=k)
-    if len(completion_ids) != len(prompts):
-        raise RuntimeError(f"vLLM returned {len(completion_ids)} completions for {len(prompts)} requested.")
-    tokenizer = trainer._tokenizer
-    eos = trainer.model.generation_config.eos_token_id if trainer.model.generation_config else None
-    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    out = []
-    for i in range(len(rows)):
-        per_prompt = []
-        for ids in completion_ids[i * k : (i + 1) * k]:
-            ids = truncate_at_eos(list(ids), eos_ids)
-            per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
-        out.append(per_prompt)
-    return out
+
+    def __init__(self, args: Any, *, model: Any, accelerator: Any, processing_class: Any, tokenizer: Any) -> None:
+        self.args = args
+        self.accelerator = accelerator
+        self.tokenizer = tokenizer
+        self.vllm_generation = (
+            build_vllm_generation(args, model=model, accelerator=accelerator, processing_class=processing_class)
+            if args.use_vllm
+            else None
+        )
+        self._synced_step: int | None = None
+
+    def sample(
+        self, model_wrapped: Any, rows: list[dict[str, Any]], *, global_step: int
+    ) -> list[list[dict[str, Any]]]:
+        if self.vllm_generation is not None:
+            return self._vllm_samples(model_wrapped, rows, global_step=global_step)
+        args = self.args
+        with unwrap_model_for_generation(
+            model_wrapped, self.accelerator, gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs
+        ) as model:
+            return sample_responses(
+                model,
+                self.tokenizer,
+                [r["prompt_ids"] for r in rows],
+                num_generations=args.num_generations,
+                max_completion_length=args.max_completion_length,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                batch_size=args.generation_micro_batch_size,
+                device=self.accelerator.device,
+                shared_prefill=args.shared_prefill,
+            )
+
+    def _vllm_samples(self, model_wrapped: Any, rows: list[dict[str, Any]], *, global_step: int):
+        """Prompts are passed repeated k times consecutively, as `VLLMGeneration.generate` expects; the weights are
+        pushed before the first generation after each optimizer step."""
+        k = self.args.num_generations
+        if self._synced_step != global_step:
+            self.vllm_generation.sync_weights()
+            self._synced_step = global_step
+        prompts = [row["prompt_ids"] for row in rows for _ in range(k)]
+        _, completion_ids, _, _ = self.vllm_generation.generate(prompts=prompts, images=None, num_generations=k)
+        if len(completion_ids) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(completion_ids)} completions for {len(prompts)} requested.")
+        model = self.accelerator.unwrap_model(model_wrapped)
+        eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+        out = []
+        for i in range(len(rows)):
+            per_prompt = []
+            for ids in completion_ids[i * k : (i + 1) * k]:
+                ids = truncate_at_eos(list(ids), eos_ids)
+                per_prompt.append(
+                    {"completion_ids": ids, "text": self.tokenizer.decode(ids, skip_special_tokens=True)}
+                )
+            out.append(per_prompt)
+        return out
+
+
+def build_vllm_generation(args: Any, *, model: Any, accelerator: Any, processing_class: Any) -> Any:
+    """TRL's `VLLMGeneration` with the config's `vllm_*` settings (GRPO's names)."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    return VLLMGeneration(
+        model=model,
+        accelerator=accelerator,
+        processing_class=processing_class,
+        mode=args.vllm_mode,
+        server_base_url=args.vllm_server_base_url,
+        server_host=args.vllm_server_host,
+        server_port=args.vllm_server_port,
+        group_port=args.vllm_group_port,
+        server_timeout=args.vllm_server_timeout,
+        tensor_parallel_size=args.vllm_tensor_parallel_size,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        max_model_length=args.vllm_max_model_length,
+        max_num_seqs=args.per_device_train_batch_size * args.num_generations * args.vllm_tensor_parallel_size,
+        enable_sleep_mode=args.vllm_enable_sleep_mode,
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=0,
+        max_completion_length=args.max_completion_length,
+        logprobs=0,
+    )

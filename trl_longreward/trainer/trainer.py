@@ -1,23 +1,29 @@
 """`LongContextDPOTrainer`: online DPO on LongReward pairs, as a drop-in `trl.DPOTrainer` subclass.
 
 Each training step, for the prompts of the batch:
-1. sample `num_samples` responses per prompt from the current policy (`generation.py`),
-2. score them with the reward functions (by default a `LongRewardFunction`; the judge sees the FULL document),
-3. pair the best and the worst sample of each prompt (`pairs.py`), from the policy's own tokens,
-4. add offline pairs at `offline_ratio`, and take a DPO step on the pairs (TRL's loss, unchanged).
+1. sample `num_generations` responses per prompt from the current policy (`generation.py`),
+2. score them with the reward functions (by default a `LongRewardFunction`; the judge sees the FULL document;
+   `rewards.py`),
+3. pair the best and the worst sample of each prompt (`trl_longreward.pairs`), from the policy's own tokens,
+4. add offline pairs at `offline_ratio` (`offline.py`), and take a DPO step on the pairs (TRL's loss, unchanged;
+   with `prompt_once`, each pair as one packed sequence, `prompt_once.py`).
 Prompts without a valid pair are skipped and counted. A rank without any pair still runs a forward/backward with its
 loss scaled to 0, so distributed ranks never wait on each other forever.
+
+Callbacks that define `on_step_judged(args, state, control, judged=JudgedStep)` receive each step's judged samples
+and pairs (the HTML report's `JudgedStepRecorder` does).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,16 +33,43 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_callable_name
 
-from ..judges.base import JudgeUnavailableError
+from ..documents import prepare_prompt_dataset
+from ..pairs import SKIP_REASONS, PairSelection, select_best_worst
 from .config import LongContextDPOConfig
-from .generation import generate_samples
-from .pairs import SKIP_REASONS, select_best_worst
+from .generation import PolicySampler
+from .model_card import long_reward_card_section
+from .offline import OfflinePairs, check_offline_columns
+from .outage import JudgeUnavailableError, outage_message
+from .pair_buffer import PairBuffer
 from .prompt_once import pack_pairs, prompt_once_forward, unsupported_reason
-from .prompts import PromptCollator, prepare_prompt_dataset
+from .rewards import describe_reward, score_samples
 
 _LOSS_SCALE = "loss_scale"
 PAIR_STATS_FILE = "long_reward_pair_stats.json"
 logger = logging.getLogger(__name__)
+
+
+class PromptCollator:
+    """Batches stay lists of prompt rows: the trainer generates from them and builds the tensors itself."""
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return list(rows)
+
+
+@dataclass
+class JudgedStep:
+    """One micro-step's judged samples, as callbacks' `on_step_judged` receives them.
+
+    `judgements`: the `Judgement`s of the first reward function that gives them (prompt-major, k per prompt; None
+    otherwise); `rewards`: the trainer's combined rewards in the same order; `selections`: the `PairSelection` of
+    each prompt; `rank`: the process that judged them."""
+
+    step: int
+    rank: int
+    num_generations: int
+    rewards: list[float | None]
+    selections: list[PairSelection]
+    judgements: list[Any] | None
 
 
 class LongContextDPOTrainer(DPOTrainer):
@@ -45,7 +78,7 @@ class LongContextDPOTrainer(DPOTrainer):
     ```python
     trainer = LongContextDPOTrainer(
         model="my-long-context-sft",
-        args=LongContextDPOConfig(output_dir="out", num_samples=4,
+        args=LongContextDPOConfig(output_dir="out", num_generations=4,
                                   long_reward={"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}),
         train_dataset=dataset,  # columns: context + question (or prompt = context + "\\n\\n" + question)
     )
@@ -53,14 +86,17 @@ class LongContextDPOTrainer(DPOTrainer):
     ```
 
     Args:
-        model, ref_model, processing_class, peft_config, callbacks, optimizers, quantization_config: as in
-            `trl.DPOTrainer`. With PEFT the reference is the model with its adapters disabled.
-        train_dataset: prompts, with `context` and `question` columns (names from `long_reward`) or a `prompt`
-            column written as context + "\\n\\n" + question; other columns reach the reward functions.
-        reward_funcs: reward functions (TRL protocol: `f(prompts, completions, completion_ids, **columns)`);
-            default: one `LongRewardFunction` built from `args.long_reward`, caching at `args.judge_cache_path`.
-        offline_dataset: preference rows (prompt/chosen/rejected) mixed in at `args.offline_ratio`.
-        eval_dataset: preference rows (prompt/chosen/rejected) evaluated with TRL's DPO metrics.
+        model, ref_model, args, data_collator, train_dataset, eval_dataset, processing_class, compute_metrics,
+            callbacks, optimizers, quantization_config, peft_config: as in `trl.DPOTrainer`, in its order. With PEFT
+            the reference is the model with its adapters disabled. `train_dataset` holds prompts, with `context` and
+            `question` columns (names from `args.long_reward`) or a `prompt` column written as context + "\\n\\n" +
+            question; other columns reach the reward functions. `data_collator` applies to the preference batches
+            the trainer builds (default: TRL's `DataCollatorForPreference`). `eval_dataset`: preference rows
+            (prompt/chosen/rejected) evaluated with TRL's DPO metrics.
+        reward_funcs (keyword-only): reward functions (TRL protocol: `f(prompts, completions, completion_ids,
+            **columns)`); default: one `LongRewardFunction` built from `args.long_reward`, caching at
+            `args.judge_cache_path`.
+        offline_dataset (keyword-only): preference rows (prompt/chosen/rejected) mixed in at `args.offline_ratio`.
     """
 
     _tag_names = ["trl", "dpo", "long-reward", "trl-longreward"]
@@ -70,15 +106,18 @@ class LongContextDPOTrainer(DPOTrainer):
         model: Any,
         ref_model: Any = None,
         args: LongContextDPOConfig | None = None,
+        data_collator: Callable | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        reward_funcs: Callable | Sequence[Callable] | None = None,
-        offline_dataset: Dataset | None = None,
+        compute_metrics: Callable | None = None,
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
         quantization_config: Any = None,
         peft_config: Any = None,
+        *,
+        reward_funcs: Callable | Sequence[Callable] | None = None,
+        offline_dataset: Dataset | None = None,
     ) -> None:
         if args is None:
             args = LongContextDPOConfig(output_dir="long-context-dpo")
@@ -94,7 +133,12 @@ class LongContextDPOTrainer(DPOTrainer):
             raise ValueError(
                 f"offline_ratio={args.offline_ratio} needs offline_dataset (prompt/chosen/rejected rows)."
             )
-        self._long_reward_columns = _reward_columns(args)
+        fields = args.long_reward or {}
+        self._document_columns = {
+            "context_column": fields.get("context_column", "context"),
+            "question_column": fields.get("question_column", "question"),
+            "separator": fields.get("prompt_separator", "\n\n"),
+        }
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -103,13 +147,15 @@ class LongContextDPOTrainer(DPOTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            compute_metrics=compute_metrics,
             callbacks=callbacks,
             optimizers=optimizers,
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        self.preference_collator = DataCollatorForPreference(
-            pad_token_id=self._tokenizer.pad_token_id, max_length=args.max_length
+        self.processing_tokenizer = self._tokenizer
+        self.preference_collator = data_collator or DataCollatorForPreference(
+            pad_token_id=self.processing_tokenizer.pad_token_id, max_length=args.max_length
         )
         self.reward_funcs = self._build_reward_funcs(reward_funcs)
         self.reward_func_names = [get_callable_name(f) for f in self.reward_funcs]
@@ -119,21 +165,24 @@ class LongContextDPOTrainer(DPOTrainer):
                 f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions."
             )
         self.reward_weights = [float(w) for w in weights]
-        self.offline_dataset = None
+        prepared_offline = None
         if offline_dataset is not None:
-            _check_offline_columns(offline_dataset)
-            self.offline_dataset = DPOTrainer._prepare_dataset(
+            check_offline_columns(offline_dataset)
+            prepared_offline = DPOTrainer._prepare_dataset(
                 self, offline_dataset, self.processing_class, args, "offline"
             )
-        self._offline_cursor = 0
+        self.offline_pairs = OfflinePairs(prepared_offline, args.offline_ratio)
+        self.pair_buffer = PairBuffer(args.num_iterations)
+        self.sampler = PolicySampler(
+            args,
+            model=self.model,
+            accelerator=self.accelerator,
+            processing_class=self.processing_class,
+            tokenizer=self.processing_tokenizer,
+        )
+        self.pair_stats: Counter = Counter()
         self._prompt_once_warned: set[str] = set()
         self._judge_outage_steps = 0
-        self._pair_buffer: dict[tuple, list] = {}
-        self.vllm_generation = self._build_vllm_generation()
-        self._vllm_synced_step: int | None = None
-        self.pair_stats: Counter = Counter()
-        self.last_selections: list = []  # the latest step's pair selections and rewards, for inspection
-        self.last_rewards: list[float | None] = []
         # Trainer gave every rank the same seed, so all ranks would sample the same tokens; offset it by the rank,
         # as TRL's GRPOTrainer does. Data sharding is unaffected: the samplers have their own seeded generators.
         set_seed(args.seed, device_specific=True)
@@ -144,11 +193,7 @@ class LongContextDPOTrainer(DPOTrainer):
         if dataset_name != "train":  # evaluation data is ordinary preference data
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         return prepare_prompt_dataset(
-            dataset,
-            self._tokenizer,
-            max_prompt_length=args.max_prompt_length,
-            context_column=self._long_reward_columns[0],
-            question_column=self._long_reward_columns[1],
+            dataset, self._tokenizer, max_prompt_length=args.max_prompt_length, **self._document_columns
         )
 
     def _build_reward_funcs(self, reward_funcs) -> list[Callable]:
@@ -171,21 +216,30 @@ class LongContextDPOTrainer(DPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows: list[dict[str, Any]] = inputs
         started = time.perf_counter()
-        reused = self._reuse_pairs(rows)
+        reused = self.pair_buffer.reuse(rows)
         if reused is None:
-            samples = generate_samples(self, rows)
+            samples = self.sampler.sample(self.model_wrapped, rows, global_step=self.state.global_step)
             generated = time.perf_counter()
-            rewards, reward_metrics = self._score(rows, samples)
+            scored = score_samples(
+                self.reward_funcs,
+                self.reward_weights,
+                rows,
+                samples,
+                num_generations=self.args.num_generations,
+                trainer_state=self.state,
+            )
+            rewards, reward_metrics = scored.rewards, scored.metrics
             judged = time.perf_counter()
             online, selections = self._select_pairs(rows, samples, rewards)
-            self._remember_pairs(rows, online, selections, rewards, samples)
+            self.pair_buffer.remember(rows, (online, selections, rewards, samples))
+            self._notify_step_judged(rewards, selections, scored.judgements)
         else:  # the same prompts again (num_iterations > 1): train on the pairs generated for them
             online, selections, rewards, samples = reused
             reward_metrics = {}
             generated = judged = time.perf_counter()
         examples = list(online)
         num_online = len(examples)
-        examples.extend(self._offline_examples(num_online))
+        examples.extend(self.offline_pairs.draw(num_online, self.args.per_device_train_batch_size))
         num_offline = len(examples) - num_online
         outage = self._log_step(
             rows, selections, num_online, num_offline, rewards, reward_metrics, new_pairs=reused is None
@@ -202,9 +256,6 @@ class LongContextDPOTrainer(DPOTrainer):
         batch[_LOSS_SCALE] = torch.tensor(loss_scale)
         loss = super().training_step(model, batch, num_items_in_batch)
         trained = time.perf_counter()
-
-        self.last_selections = selections
-        self.last_rewards = rewards
         for name, seconds in (
             ("generation", generated - started),
             ("judging", judged - generated),
@@ -215,7 +266,7 @@ class LongContextDPOTrainer(DPOTrainer):
 
     def _select_pairs(self, rows, samples, rewards):
         """Best-vs-worst pair of each prompt, from the policy's own tokens; prompts without a pair are skipped."""
-        k = self.args.num_samples
+        k = self.args.num_generations
         examples, selections = [], []
         for i, row in enumerate(rows):
             selection = select_best_worst(
@@ -235,23 +286,19 @@ class LongContextDPOTrainer(DPOTrainer):
                 )
         return examples, selections
 
-    @staticmethod
-    def _rows_key(rows) -> tuple:
-        return tuple(tuple(row["prompt_ids"]) for row in rows)
-
-    def _remember_pairs(self, rows, examples, selections, rewards, samples) -> None:
-        if self.args.num_iterations > 1:
-            self._pair_buffer[self._rows_key(rows)] = [1, (examples, selections, rewards, samples)]
-
-    def _reuse_pairs(self, rows):
-        """The pairs generated for exactly these prompts, while they have been used fewer than num_iterations times."""
-        entry = self._pair_buffer.get(self._rows_key(rows)) if self.args.num_iterations > 1 else None
-        if entry is None:
-            return None
-        entry[0] += 1
-        if entry[0] >= self.args.num_iterations:
-            del self._pair_buffer[self._rows_key(rows)]
-        return entry[1]
+    def _notify_step_judged(self, rewards, selections, judgements) -> None:
+        judged = JudgedStep(
+            step=self.state.global_step + 1,
+            rank=self.accelerator.process_index,
+            num_generations=self.args.num_generations,
+            rewards=rewards,
+            selections=selections,
+            judgements=judgements,
+        )
+        for callback in self.callback_handler.callbacks:
+            handler = getattr(callback, "on_step_judged", None)
+            if handler is not None:
+                handler(self.args, self.state, self.control, judged=judged)
 
     def _get_train_sampler(self, train_dataset=None):
         """With num_iterations > 1, each global batch of prompts comes num_iterations times in a row (TRL's
@@ -302,8 +349,8 @@ class LongContextDPOTrainer(DPOTrainer):
                 inputs["input_ids"],
                 inputs["attention_mask"],
                 inputs["completion_mask"],
-                self._tokenizer.pad_token_id,
-                pad_to_multiple_of=64 if inputs["input_ids"].device.type == "cuda" else 1,
+                self.processing_tokenizer.pad_token_id,
+                pad_to_multiple_of=self.args.pad_to_multiple_of or 1,
             )
             reason = None if packed is not None else "the rows of a pair do not share the same prompt"
         if packed is None:
@@ -325,86 +372,23 @@ class LongContextDPOTrainer(DPOTrainer):
         pieces = gather(padded).split(padded.shape[0])
         return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
 
-    def _score(self, rows: list[dict[str, Any]], samples: list[list[dict[str, Any]]]):
-        """Rewards of every sample (prompt-major, k per prompt) and the metrics the reward functions logged."""
-        k = self.args.num_samples
-        prompts = [row["prompt"] for row in rows for _ in range(k)]
-        conversational = isinstance(rows[0]["prompt"], list)
-        completions = [
-            [{"role": "assistant", "content": s["text"]}] if conversational else s["text"]
-            for per_prompt in samples
-            for s in per_prompt
-        ]
-        completion_ids = [s["completion_ids"] for per_prompt in samples for s in per_prompt]
-        columns = {
-            key: [row[key] for row in rows for _ in range(k)]
-            for key in rows[0]
-            if key not in ("prompt", "prompt_ids", "policy_prompt", "truncated")
-        }
-        logged: dict[str, list[float]] = {}
-
-        def log_metric(name: str, value: float) -> None:
-            logged.setdefault(name, []).append(float(value))
-
-        totals = [0.0] * len(prompts)
-        present = [False] * len(prompts)
-        for func, weight in zip(self.reward_funcs, self.reward_weights, strict=True):
-            values = func(
-                prompts=prompts,
-                completions=completions,
-                completion_ids=completion_ids,
-                trainer_state=self.state,
-                log_metric=log_metric,
-                **columns,
-            )
-            if len(values) != len(prompts):
-                raise ValueError(
-                    f"Reward function {get_callable_name(func)} returned {len(values)} values for {len(prompts)}."
-                )
-            for j, value in enumerate(values):
-                if value is not None and not math.isnan(value):
-                    totals[j] += weight * float(value)
-                    present[j] = True
-        rewards = [t if p else None for t, p in zip(totals, present, strict=True)]
-        return rewards, {name: sum(v) / len(v) for name, v in logged.items()}
-
-    def _offline_examples(self, num_online: int) -> list[dict[str, Any]]:
-        """Offline pairs so that they make up `offline_ratio` of the step's pairs (drawn in order, cycling).
-
-        With no online pair this step, the count is taken relative to the per-device batch size, so the step still
-        trains on offline data.
-        """
-        ratio = self.args.offline_ratio
-        if self.offline_dataset is None or ratio <= 0:
-            return []
-        base = num_online or self.args.per_device_train_batch_size
-        count = max(1, round(base * ratio / (1.0 - ratio)))
-        out = []
-        for _ in range(count):
-            row = self.offline_dataset[self._offline_cursor % len(self.offline_dataset)]
-            self._offline_cursor += 1
-            out.append({key: row[key] for key in ("prompt_ids", "chosen_ids", "rejected_ids")})
-        return out
-
-    # ----- judge outages, checkpoints -----
+    # ----- judge outages, checkpoints, the model card -----
 
     def _stop_for_judge_outage(self, model, reward_metrics: dict[str, float]) -> None:
         """Save a checkpoint (every rank takes part) and raise with what happened and how to go on."""
         self._save_checkpoint(model, trial=None)
-        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-        judges = [info.get("judge", {}) for info in map(_describe_reward, self.reward_funcs)]
-        endpoints = sorted({str(j.get("base_url") or j.get("base_urls") or j.get("model") or "?") for j in judges})
-        caches = sorted(
-            {str(p) for f in self.reward_funcs if (p := getattr(getattr(f, "config", None), "cache_path", None))}
-        )
+        judges = [info.get("judge", {}) for info in map(describe_reward, self.reward_funcs)]
+        caches = {str(p) for f in self.reward_funcs if (p := getattr(getattr(f, "config", None), "cache_path", None))}
         raise JudgeUnavailableError(
-            f"The judge failed every call for {self._judge_outage_steps} consecutive steps "
-            f"({reward_metrics.get('long_reward/judge_errors', 0):.0f} failed calls in the last step); judge: "
-            f"{', '.join(endpoints)}. Training stopped after saving {checkpoint}"
-            + (f"; judge results so far are kept in {', '.join(caches)}" if caches else "")
-            + ". Bring the judge back (check the URL, the server's log, the API key variable), then resume with "
-            "trainer.train(resume_from_checkpoint=True) or the recipe's --resume_from_checkpoint last. "
-            "max_judge_outage_steps=0 disables this stop."
+            outage_message(
+                steps=self._judge_outage_steps,
+                failed_calls=reward_metrics.get("long_reward/judge_errors", 0),
+                endpoints=sorted(
+                    {str(j.get("base_url") or j.get("base_urls") or j.get("model") or "?") for j in judges}
+                ),
+                checkpoint=os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}"),
+                caches=sorted(caches),
+            )
         )
 
     def _save_checkpoint(self, model, trial):
@@ -413,7 +397,9 @@ class LongContextDPOTrainer(DPOTrainer):
             path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PAIR_STATS_FILE)
             if os.path.isdir(os.path.dirname(path)):
                 with open(path, "w", encoding="utf-8") as handle:
-                    json.dump({"pair_stats": dict(self.pair_stats), "offline_cursor": self._offline_cursor}, handle)
+                    json.dump(
+                        {"pair_stats": dict(self.pair_stats), "offline_cursor": self.offline_pairs.cursor}, handle
+                    )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -422,41 +408,20 @@ class LongContextDPOTrainer(DPOTrainer):
             with open(path, encoding="utf-8") as handle:
                 saved = json.load(handle)
             self.pair_stats = Counter(saved.get("pair_stats", {}))
-            self._offline_cursor = int(saved.get("offline_cursor", 0))
+            self.offline_pairs.cursor = int(saved.get("offline_cursor", 0))
 
-    # ----- vLLM generation -----
-
-    def _build_vllm_generation(self):
-        """TRL's `VLLMGeneration` for the vllm_colocate / vllm_server backends (None for transformers)."""
-        args = self.args
-        if args.generation_backend == "transformers":
-            return None
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        return VLLMGeneration(
-            model=self.model,
-            accelerator=self.accelerator,
-            processing_class=self.processing_class,
-            mode="server" if args.generation_backend == "vllm_server" else "colocate",
-            server_base_url=args.vllm_server_base_url,
-            server_host=args.vllm_server_host,
-            server_port=args.vllm_server_port,
-            group_port=args.vllm_group_port,
-            server_timeout=args.vllm_server_timeout,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_length=args.vllm_max_model_length,
-            max_num_seqs=args.per_device_train_batch_size * args.num_samples * args.vllm_tensor_parallel_size,
-            enable_sleep_mode=args.vllm_enable_sleep_mode,
-            trust_remote_code=getattr(args, "trust_remote_code", False),
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=0,
-            max_completion_length=args.max_new_tokens,
-            logprobs=0,
-        )
-
-    # ----- model card -----
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Save the model and, when called for the final model (not from a checkpoint save), its model card
+        (`README.md`) beside it, whatever the save strategy."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if _internal_call or not self.is_world_process_zero():
+            return
+        target = Path(output_dir or self.args.output_dir)
+        model_name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else target.name
+        self.create_model_card(model_name=model_name)
+        card = Path(self.args.output_dir) / "README.md"
+        if card.exists() and card.resolve() != (target / "README.md").resolve():
+            (target / "README.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's card, plus what makes this model a LongReward model: method, judge, dimensions, pair statistics."""
@@ -464,39 +429,9 @@ class LongContextDPOTrainer(DPOTrainer):
         if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
-        if not os.path.exists(path):
-            return
-        lines = [
-            "",
-            "",
-            "## LongReward online DPO",
-            "",
-            "Trained with trl-longreward's `LongContextDPOTrainer` ([LongReward](https://arxiv.org/abs/2410.21252)): "
-            "each step, "
-            f"{self.args.num_samples} responses per prompt were sampled from the policy (temperature "
-            f"{self.args.temperature}), scored by an LLM judge, and the best and worst formed a DPO pair "
-            f"(beta {self.args.beta}, losses {self.args.loss_type} weighted {self.args.loss_weights}).",
-            "",
-        ]
-        for info in map(_describe_reward, self.reward_funcs):
-            judge = info.get("judge", {})
-            judge_text = ", ".join(f"{k}: {v}" for k, v in judge.items()) if judge else "n/a"
-            lines.append(f"- Reward `{info['name']}`; judge: {judge_text}")
-            if "dimensions" in info:
-                lines.append(f"  - dimensions: {', '.join(info['dimensions'])} (weights: {info['weights']})")
-        stats = self.pair_stats
-        if stats.get("prompts"):
-            lines.append(
-                f"- Pairs: {stats['pairs']} online pairs from {stats['prompts']} prompts "
-                f"({stats['pairs'] / stats['prompts']:.0%}), {stats.get('offline_pairs', 0)} offline pairs; skipped: "
-                + ", ".join(f"{reason} {stats.get(f'skipped_{reason}', 0)}" for reason in SKIP_REASONS)
-            )
-        lines.append(
-            f"- Prompt budget {self.args.max_prompt_length} tokens (documents cut in the middle), "
-            f"responses up to {self.args.max_new_tokens} tokens."
-        )
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+        if os.path.exists(path):
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(long_reward_card_section(self.args, self.reward_funcs, self.pair_stats))
 
     # ----- logging -----
 
@@ -541,30 +476,3 @@ class LongContextDPOTrainer(DPOTrainer):
             self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
         # an outage: no sample of any rank was scored, and the judge failed (errors, not malformed answers)
         return unscored == scored_total and judge_errors > 0
-
-
-def _describe_reward(func: Callable) -> dict[str, Any]:
-    """What the model card says about a reward function: never its secrets (the judge's describe() holds none)."""
-    info: dict[str, Any] = {"name": get_callable_name(func)}
-    config = getattr(func, "config", None)
-    judge = getattr(func, "judge", None)
-    if judge is not None and hasattr(judge, "describe"):
-        info["judge"] = judge.describe()
-    if config is not None and hasattr(config, "dimensions"):
-        info["dimensions"] = list(config.dimensions)
-        info["weights"] = config.dimension_weights or "equal"
-    return info
-
-
-def _reward_columns(args: LongContextDPOConfig) -> tuple[str, str]:
-    fields = args.long_reward or {}
-    return fields.get("context_column", "context"), fields.get("question_column", "question")
-
-
-def _check_offline_columns(dataset: Dataset) -> None:
-    missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(
-            f"offline_dataset lacks columns {sorted(missing)} (has {dataset.column_names}): it must be preference data "
-            "with prompt, chosen and rejected columns, e.g. an ordinary DPO dataset."
-        )

@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..calls import JudgeRunner
 from ..config import LongRewardConfig
 from ..inputs import Sample
-from ..parsing import VerdictParsers, verdict_parsers
 from ..retrieval import Retriever, TokenChunker
+from ..runner import JudgeRunner
+from ..verdicts import VerdictParsers, verdict_parsers
 
 OK = "ok"
 FAILED = "failed"

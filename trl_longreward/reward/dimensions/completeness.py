@@ -25,8 +25,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from ..calls import describe_call
 from ..inputs import Sample
+from ..runner import describe_call
 from .base import FAILED, OK, DimensionResult, DimensionScorer, PromptState
 
 NO_NOTES = "No relevant information was found in any part of the document."

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..calls import describe_call
 from ..inputs import Sample
+from ..runner import describe_call
 from .base import FAILED, OK, DimensionResult, DimensionScorer, PromptState
 
 

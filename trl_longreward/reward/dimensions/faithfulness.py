@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 
-from ..calls import describe_call
 from ..inputs import Sample
 from ..retrieval import RetrievalIndex
+from ..runner import describe_call
 from .base import FAILED, NOT_APPLICABLE, OK, DimensionResult, DimensionScorer, PromptState
 
 

@@ -4,8 +4,8 @@
         --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
 
 For each prompt (a `context` + `question` row, or a `prompt` written as context + separator + question): sample
-`num_samples` responses from the policy, judge every one with LongReward against the FULL document, and keep the best
-as chosen and the worst as rejected (METHOD.md section 3). Writes to `--output_dir`:
+`num_generations` responses from the policy, judge every one with LongReward against the FULL document, and keep the
+best as chosen and the worst as rejected (docs/method.md section 3). Writes to `--output_dir`:
 
 - `samples.jsonl`: one line per prompt (its k responses, their rewards and per-dimension scores, the selection);
 - `judge_cache.sqlite`: every judge call, so nothing is paid for twice;
@@ -25,18 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .reward import LongRewardConfig
-from .reward.inputs import message_text
-from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, prompt_groups, resume_jsonl
+from ..documents import check_prompt_columns, prompt_groups, row_document
+from ..generation import sample_responses
+from ..models import load_causal_lm
+from ..pairs import SKIP_REASONS, check_sampling_options, select_best_worst
+from ..records import check_judge_answered, judge_error_dimensions, load_rows, read_jsonl, resume_jsonl
+from ..reward import LongRewardConfig, LongRewardFunction
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_DIR = "pairs"
@@ -57,16 +58,18 @@ class BuildPairsArguments:
     output_dir: str = field(
         metadata={"help": "Directory for samples.jsonl (resumable), judge_cache.sqlite, pairs/ and pairs.jsonl."}
     )
-    num_samples: int = field(default=10, metadata={"help": "Responses sampled per prompt (k; paper: 10)."})
+    num_generations: int = field(default=10, metadata={"help": "Responses sampled per prompt (k; paper: 10)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (paper: 1.0)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top_p."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Max tokens per sampled response."})
+    max_completion_length: int = field(default=512, metadata={"help": "Max tokens per sampled response."})
     max_prompt_length: int = field(
         default=8192, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
     )
     min_scored_samples: int | None = field(
         default=None,
-        metadata={"help": "Scored samples a prompt needs for a pair; default ceil(num_samples / 2) (paper: 5 of 10)."},
+        metadata={
+            "help": "Scored samples a prompt needs for a pair; default ceil(num_generations / 2) (paper: 5 of 10)."
+        },
     )
     min_reward_gap: float = field(
         default=0.0, metadata={"help": "Minimum chosen-rejected reward gap (the reference had none: 0)."}
@@ -96,24 +99,17 @@ class BuildPairsArguments:
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repository as private."})
 
     def __post_init__(self) -> None:
-        if self.num_samples < 2:
-            raise ValueError(f"num_samples={self.num_samples}: a best-vs-worst pair needs at least 2 samples.")
-        if self.min_scored_samples is None:
-            self.min_scored_samples = max(2, math.ceil(self.num_samples / 2))
-        if not 2 <= self.min_scored_samples <= self.num_samples:
-            raise ValueError(
-                f"min_scored_samples={self.min_scored_samples} must be in [2, num_samples={self.num_samples}]."
-            )
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0: pairs need diverse samples.")
-        if self.max_new_tokens < 1 or self.max_prompt_length < 16:
-            raise ValueError("max_new_tokens must be >= 1 and max_prompt_length >= 16.")
-        if self.min_reward_gap < 0:
-            raise ValueError("min_reward_gap must be >= 0.")
+        self.min_scored_samples = check_sampling_options(
+            num_generations=self.num_generations,
+            min_scored_samples=self.min_scored_samples,
+            temperature=self.temperature,
+            max_completion_length=self.max_completion_length,
+            max_prompt_length=self.max_prompt_length,
+            min_reward_gap=self.min_reward_gap,
+            tie_policy=self.tie_policy,
+        )
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1.")
-        if self.tie_policy not in ("skip", "first_last"):
-            raise ValueError(f"tie_policy={self.tie_policy!r}: use skip or first_last.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16.")
         if self.push_to_hub and not self.hub_dataset_id:
@@ -126,7 +122,7 @@ def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> d
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(args.input)
-    check_prompt_columns(rows.column_names, reward_config)
+    check_prompt_columns(rows.column_names, **reward_config.document_columns())
     if len(rows) == 0:
         raise ValueError(f"--input {args.input!r} has no rows.")
     if reward_config.cache_path is None:
@@ -152,77 +148,22 @@ def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> d
     }
 
 
-def check_prompt_columns(columns: list[str], config: LongRewardConfig) -> None:
-    """Rows need the context and question columns, or a `prompt` column; say which are missing and what to set."""
-    present = set(columns)
-    if {config.context_column, config.question_column} <= present or "prompt" in present:
-        return
-    raise ValueError(
-        f"--input needs {config.context_column!r} and {config.question_column!r} columns, or a 'prompt' column "
-        f"written as context + {config.prompt_separator!r} + question (a string or chat messages); it has "
-        f"{sorted(present)}. Rename the columns or set --context_column / --question_column."
-    )
-
-
-def context_and_question(row: dict[str, Any], config: LongRewardConfig, index: int) -> tuple[str, str]:
-    """The full document and the question of an input row, as the judge sees them."""
-    if config.context_column in row and config.question_column in row:
-        return row[config.context_column], row[config.question_column]
-    text = message_text(row["prompt"], what="prompt", index=index, role="user")
-    if config.prompt_separator not in text:
-        raise ValueError(
-            f"Row {index}: the prompt has no {config.prompt_separator!r} between document and question; add "
-            f"{config.context_column!r}/{config.question_column!r} columns or set --prompt_separator."
-        )
-    context, question = text.rsplit(config.prompt_separator, 1)
-    return context, question.strip()
-
-
 def _context_digest(context: str) -> str:
     return hashlib.sha256(context.encode("utf-8")).hexdigest()
 
 
-def _read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The lines of samples.jsonl one at a time (they hold long prompts: never all in memory)."""
-    if not path.exists():
-        return
-    with path.open(encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
-
-
 def _check_same_input(samples_path: Path, rows: Any, config: LongRewardConfig) -> None:
     """Resuming onto samples of another input would silently mix prompts: refuse it."""
-    for record in _read_records(samples_path):
+    for record in read_jsonl(samples_path):
         index = record["index"]
         if index < len(rows):
-            context, question = context_and_question(rows[index], config, index)
+            context, question = row_document(rows[index], **config.document_columns(), index=index)
             if record.get("question") == question and record.get("context_sha256") == _context_digest(context):
                 continue
         raise ValueError(
             f"{samples_path} holds prompt {index}, which is not prompt {index} of --input: the samples were built "
             "from another input. Use a new --output_dir, or remove that samples.jsonl."
         )
-
-
-def load_policy(args: BuildPairsArguments) -> tuple[Any, Any]:
-    """The policy model (eval mode, on its device) and its tokenizer (pad token = eos when it has none)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import check_model_source
-
-    check_model_source(args.model, option="--model")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    model.eval()
-    return model, tokenizer
 
 
 def _policy_prompt(prompt: Any, tokenizer: Any) -> Any:
@@ -237,17 +178,15 @@ def _generate_group(model: Any, tokenizer: Any, prompt_ids: list[list[int]], arg
     """k samples for each prompt of a group, in one generate call seeded by the group's first index."""
     import torch
 
-    from .trainer.generation import sample_responses
-
     torch.manual_seed(args.seed + first)
     return sample_responses(
         model,
         tokenizer,
         prompt_ids,
-        num_samples=args.num_samples,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
         batch_size=len(prompt_ids),
     )
 
@@ -264,10 +203,10 @@ def _sample_and_judge(
     """Generate, judge and select for every group holding a prompt in `todo`; append one line per prompt."""
     from tqdm.auto import tqdm
 
-    from .reward import LongRewardFunction
-
-    model, tokenizer = load_policy(args)
-    groups, prepared, position = prompt_groups(rows, todo, args.batch_size, tokenizer, config, args.max_prompt_length)
+    model, tokenizer = load_causal_lm(args.model, dtype=args.dtype, device=args.device, option="--model")
+    groups, prepared, position = prompt_groups(
+        rows, todo, args.batch_size, tokenizer, max_prompt_length=args.max_prompt_length, **config.document_columns()
+    )
     wanted = set(todo)
     reward = LongRewardFunction(config)
     counts: Counter = Counter()
@@ -281,17 +220,23 @@ def _sample_and_judge(
                 samples = _generate_group(model, tokenizer, [p["prompt_ids"] for p in prompts], args, group[0])
                 # Prompts of the group that are already done were regenerated only to keep the seed's stream.
                 todo_here = [(i, prompts[j], samples[j]) for j, i in enumerate(group) if i in wanted]
-                before = reward.runner.counters.totals()
-                records = _judge_group(reward, config, args, tokenizer, rows, todo_here)
-                check_judge_answered(reward, before, rows=f"prompts {group[0]}-{group[-1]}", output=samples_path)
+                before = reward.call_counts()
+                records, judgements = _judge_group(reward, config, args, tokenizer, rows, todo_here)
+                check_judge_answered(
+                    judgements,
+                    before,
+                    reward.call_counts(),
+                    rows=f"prompts {group[0]}-{group[-1]}",
+                    output=samples_path,
+                )
                 for record in records:
                     record["seed"] = args.seed + group[0]
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                     counts["pairs" if record["selection"]["skip_reason"] is None else "skipped"] += 1
                 sink.flush()
                 bar.update(len(records))
-                bar.set_postfix({**counts, **reward.runner.counters.totals()})
-        return reward.runner.counters.totals()
+                bar.set_postfix({**counts, **reward.call_counts()})
+        return reward.call_counts()
     finally:
         reward.close()
 
@@ -303,13 +248,11 @@ def _judge_group(
     tokenizer: Any,
     rows: Any,
     todo: list[tuple[int, dict[str, Any], list[dict[str, Any]]]],
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Judge the k samples of each (index, prepared prompt, samples) in `todo`, all calls in flight together, and
-    pick each prompt's pair; one samples.jsonl record per prompt."""
-    from .trainer.pairs import select_best_worst
-
-    k = args.num_samples
-    documents = [context_and_question(rows[index], config, index) for index, _, _ in todo]
+    pick each prompt's pair; one samples.jsonl record per prompt, and the judgements."""
+    k = args.num_generations
+    documents = [row_document(rows[index], **config.document_columns(), index=index) for index, _, _ in todo]
     # The judge reads the FULL document, not the truncated policy prompt.
     judgements = reward.score(
         prompts=[prompt["prompt"] for _, prompt, _ in todo for _ in range(k)],
@@ -343,7 +286,7 @@ def _judge_group(
                 "judge_errors": sorted({d for j in scored for d in judge_error_dimensions(j.trace)}),
             }
         )
-    return records
+    return records, judgements
 
 
 def _completion(text: str, prompt: Any) -> Any:
@@ -357,14 +300,14 @@ def _write_pairs(samples_path: Path, rows: Any, config: LongRewardConfig, out_di
     pairs: list[dict[str, Any]] = []
     skipped: Counter = Counter()
     prompts = truncated = 0
-    for record in _read_records(samples_path):
+    for record in read_jsonl(samples_path):
         prompts += 1
         truncated += bool(record["truncated"])
         selection = record["selection"]
         if selection["skip_reason"] is not None:
             skipped[selection["skip_reason"]] += 1
             continue
-        context, question = context_and_question(rows[record["index"]], config, record["index"])
+        context, question = row_document(rows[record["index"]], **config.document_columns(), index=record["index"])
         prompt = record["prompt"]
         pairs.append(
             {
@@ -393,8 +336,6 @@ def _write_pairs(samples_path: Path, rows: Any, config: LongRewardConfig, out_di
         for pair in pairs:
             sink.write(json.dumps(pair, ensure_ascii=False) + "\n")
     os.replace(jsonl_tmp, out_dir / PAIRS_JSONL)
-    from .trainer.pairs import SKIP_REASONS
-
     counts = {
         "prompts": prompts,
         "pairs": len(pairs),

@@ -1,4 +1,4 @@
-"""Preference pairs from k scored samples of one prompt: best vs worst (METHOD.md section 3)."""
+"""Preference pairs from k scored samples of one prompt: best vs worst (docs/method.md section 3)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,46 @@ def select_best_worst(
     if best_r - worst_r < min_gap:
         return PairSelection(None, None, **selection, skip_reason="gap_below_minimum")
     return PairSelection(best_i, worst_i, **selection)
+
+
+TIE_POLICIES = ("skip", "first_last")
+
+
+def check_sampling_options(
+    *,
+    num_generations: int,
+    min_scored_samples: int | None,
+    temperature: float,
+    max_completion_length: int,
+    max_prompt_length: int,
+    min_reward_gap: float = 0.0,
+    tie_policy: str = "skip",
+) -> int:
+    """Validate the options that sample k responses per prompt and pair them (shared by `LongContextDPOConfig` and
+    `trl-longreward build-pairs`); returns `min_scored_samples` resolved (None = ceil(k / 2), at least 2: the
+    reference's 5 of 10)."""
+    if num_generations < 2:
+        raise ValueError(
+            f"num_generations={num_generations}: a best-vs-worst pair needs at least 2 samples per prompt "
+            "(the paper used 10)."
+        )
+    if min_scored_samples is None:
+        min_scored_samples = max(2, math.ceil(num_generations / 2))
+    if not 2 <= min_scored_samples <= num_generations:
+        raise ValueError(f"min_scored_samples={min_scored_samples} must be in [2, num_generations={num_generations}].")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (pairs need diverse samples), got {temperature}.")
+    check_length_options(max_completion_length=max_completion_length, max_prompt_length=max_prompt_length)
+    if min_reward_gap < 0:
+        raise ValueError(f"min_reward_gap must be >= 0, got {min_reward_gap}.")
+    if tie_policy not in TIE_POLICIES:
+        raise ValueError(f"tie_policy={tie_policy!r}: use skip or first_last.")
+    return min_scored_samples
+
+
+def check_length_options(*, max_completion_length: int, max_prompt_length: int) -> None:
+    """Token budgets of a response and of the policy's prompt (shared by every command that generates)."""
+    if max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}.")
+    if max_prompt_length < 16:
+        raise ValueError(f"max_prompt_length must be >= 16 (documents are cut to fit it), got {max_prompt_length}.")

@@ -1,25 +1,12 @@
-"""`trl-longreward` command line.
+"""`trl-longreward score`: judge (context, question, response) rows with LongReward.
 
     trl-longreward score --input data.jsonl --output scores.jsonl \\
         --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
 
-`score` reads (context, question, response) rows from a JSONL/JSON/Parquet file or a `datasets` directory, judges
-them with LongReward and appends one JSON line per row to `--output` (reward, per-dimension scores and statuses, and
-the judge traces). It is resumable: rows already in the output are skipped, and every judge call already paid for is
-answered from the judge-call cache (default: `<output>.judge_cache.sqlite`).
-
-    trl-longreward build-pairs --model SFT_MODEL --input prompts.jsonl --output_dir pairs_out \\
-        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
-
-`build-pairs` is the paper's offline pipeline: k sampled responses per prompt, judged, best vs worst saved as a DPO
-preference dataset (see `trl_longreward.pairs_builder`); resumable the same way.
-
-    trl-longreward evaluate --model SFT_MODEL DPO_MODEL --output_dir eval_out \\
-        --judge_base_url http://127.0.0.1:8000/v1 --judge_model Qwen/Qwen2.5-72B-Instruct
-
-`evaluate` answers a long-context QA set (default: the bundled held-out split) with each model, scores the answers
-with LongReward, prints the per-dimension table and the win rates against the first model, and writes results.json
-and the judged answers (see `trl_longreward.evaluate`); resumable the same way.
+Reads rows from a JSONL/JSON/Parquet/CSV file or a `datasets` directory, judges them and appends one JSON line per
+row to `--output` (reward, per-dimension scores and statuses, and the judge traces). Resumable: rows already in the
+output are skipped, and every judge call already paid for is answered from the judge-call cache (default:
+`<output>.judge_cache.sqlite`).
 """
 
 from __future__ import annotations
@@ -31,7 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, resume_jsonl
+from ..documents import message_text
+from ..records import check_judge_answered, judge_error_dimensions, load_rows, read_jsonl, resume_jsonl
+from ..reward import LongRewardConfig, LongRewardFunction
+from ..reward.inputs import resolve_samples
 
 
 @dataclass
@@ -53,11 +43,9 @@ class ScoreArguments:
             raise ValueError(f"--limit must be >= 0 (rows to judge), got {self.limit}.")
 
 
-def check_score_rows(rows: Any, indices: list[int], args: ScoreArguments, config: Any) -> None:
+def check_score_rows(rows: Any, indices: list[int], args: ScoreArguments, config: LongRewardConfig) -> None:
     """Every row to judge needs a response, a document and a question: check them all before the first judge call,
     so a bad row fails the run at once, named by its row number in --input (counted from 0)."""
-    from .reward.inputs import message_text, resolve_samples
-
     columns = set(rows.column_names)
     for start in range(0, len(indices), 256):  # in slices: never every document in memory at once
         chunk = indices[start : start + 256]
@@ -82,10 +70,8 @@ def check_score_rows(rows: Any, indices: list[int], args: ScoreArguments, config
             ) from err
 
 
-def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
+def run_score(args: ScoreArguments, config: LongRewardConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
-
-    from .reward import LongRewardFunction
 
     rows = load_rows(args.input)
     if args.limit is not None:
@@ -117,9 +103,15 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
                 batch = rows.select(indices)
                 kwargs = {c: batch[c] for c in (config.context_column, config.question_column) if c in columns}
                 prompts = batch[args.prompt_column] if args.prompt_column in columns else None
-                before = reward.runner.counters.totals()
+                before = reward.call_counts()
                 judgements = reward.score(prompts=prompts, completions=batch[args.response_column], **kwargs)
-                check_judge_answered(reward, before, rows=f"rows {indices[0]}-{indices[-1]} of --input", output=output)
+                check_judge_answered(
+                    judgements,
+                    before,
+                    reward.call_counts(),
+                    rows=f"rows {indices[0]}-{indices[-1]} of --input",
+                    output=output,
+                )
                 for index, judgement in zip(indices, judgements, strict=True):
                     record = {"index": index, **judgement.to_dict()}
                     record["judge_errors"] = judge_error_dimensions(judgement.trace)  # judged again on resume
@@ -128,7 +120,7 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 bar.update(len(indices))
-                bar.set_postfix(reward.runner.counters.totals())
+                bar.set_postfix(reward.call_counts())
     finally:
         reward.close()
     summary = summarize(output, config.dimensions)
@@ -137,7 +129,7 @@ def run_score(args: ScoreArguments, config: Any) -> dict[str, Any]:
 
 
 def summarize(output: Path, dimensions: Sequence[str]) -> dict[str, Any]:
-    records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = list(read_jsonl(output))
     summary: dict[str, Any] = {"rows": len(records)}
     failed = sum(1 for r in records if r.get("judge_errors"))
     if failed:
@@ -156,62 +148,3 @@ def summarize(output: Path, dimensions: Sequence[str]) -> dict[str, Any]:
             "missing": len(values) - len(present),
         }
     return summary
-
-
-USAGE = """usage: trl-longreward COMMAND [options]
-
-commands:
-  score        judge (context, question, response) rows:
-                 trl-longreward score --input FILE --output FILE [options]
-  build-pairs  sample k responses per prompt, judge them, save best-vs-worst DPO pairs:
-                 trl-longreward build-pairs --model PATH --input FILE --output_dir DIR [options]
-  evaluate     answer a long-context QA set with one or more models and score the answers:
-                 trl-longreward evaluate --model PATH [PATH ...] --output_dir DIR [options]
-
-`trl-longreward COMMAND --help` lists the options of a command (the judge's included)."""
-COMMANDS = ("score", "build-pairs", "evaluate")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    from .reward import LongRewardConfig
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command == "score":
-        parser = HfArgumentParser((ScoreArguments, LongRewardConfig), prog="trl-longreward score")
-        args, config = parser.parse_args_into_dataclasses(rest)
-        summary = run_score(args, config)
-    elif command == "build-pairs":
-        from .pairs_builder import BuildPairsArguments, build_pairs
-
-        parser = HfArgumentParser((BuildPairsArguments, LongRewardConfig), prog="trl-longreward build-pairs")
-        pair_args, config = parser.parse_args_into_dataclasses(rest)
-        summary = build_pairs(pair_args, config)
-    elif command == "evaluate":
-        from .evaluate import RESULTS_FILE, EvaluateArguments, evaluate_models, format_results
-
-        parser = HfArgumentParser((EvaluateArguments, LongRewardConfig), prog="trl-longreward evaluate")
-        eval_args, config = parser.parse_args_into_dataclasses(rest)
-        results = evaluate_models(eval_args, config)
-        run = results["run"]
-        print(format_results(results))
-        print(
-            f"this run: {run['new_answers']} new answers, {run['new_judgements']} answers judged, "
-            f"{run['judge_calls']} judge calls, {run['cache_hits']} cache hits"
-        )
-        print(f"results: {Path(eval_args.output_dir) / RESULTS_FILE}")
-        return 0
-    else:
-        print(f"trl-longreward: unknown command {command!r}; available: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, ensure_ascii=False))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

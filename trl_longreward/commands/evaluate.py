@@ -30,21 +30,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .answering import generate_answers, load_model
-from .pairs_builder import check_prompt_columns, context_and_question
-from .reward import LongRewardConfig
-from .rows_io import check_judge_answered, judge_error_dimensions, load_rows, prompt_groups
+from ..documents import check_prompt_columns, prompt_groups, row_document
+from ..generation import generate_answers
+from ..models import load_causal_lm
+from ..pairs import check_length_options
+from ..records import check_judge_answered, judge_error_dimensions, load_jsonl, load_rows
+from ..reward import LongRewardConfig, LongRewardFunction
+from ..reward.reference import ReferenceRater
+from ..summaries import REFERENCE_SCORE, flat_scores, mean_scores, win_rate
 
 ANSWERS_FILE = "answers.jsonl"
 JUDGED_FILE = "judged.jsonl"
 RESULTS_FILE = "results.json"
 JUDGE_CACHE_FILE = "judge_cache.sqlite"
-REFERENCE_SCORE = "reference_score"
 
 Key = tuple[str, int]
 
@@ -62,7 +64,7 @@ class EvaluateArguments:
         metadata={"help": "JSONL/JSON/Parquet/CSV file or datasets directory; default: the bundled eval split."},
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N prompts."})
-    max_new_tokens: int = field(default=512, metadata={"help": "Max tokens per answer."})
+    max_completion_length: int = field(default=512, metadata={"help": "Max tokens per answer."})
     max_prompt_length: int = field(
         default=8192, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
     )
@@ -93,8 +95,9 @@ class EvaluateArguments:
             raise ValueError("--model needs at least one model.")
         if len(set(self.model)) != len(self.model):
             raise ValueError(f"--model lists a model twice: {self.model}.")
-        if self.max_new_tokens < 1 or self.max_prompt_length < 16:
-            raise ValueError("max_new_tokens must be >= 1 and max_prompt_length >= 16.")
+        check_length_options(
+            max_completion_length=self.max_completion_length, max_prompt_length=self.max_prompt_length
+        )
         if self.batch_size < 1 or self.judge_batch_size < 1:
             raise ValueError("batch_size and judge_batch_size must be >= 1.")
         if self.do_sample and self.temperature <= 0:
@@ -107,52 +110,13 @@ class EvaluateArguments:
     def generation_settings(self) -> dict[str, Any]:
         """What decides an answer: resuming with other settings would mix answers of two protocols."""
         settings: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
+            "max_completion_length": self.max_completion_length,
             "max_prompt_length": self.max_prompt_length,
             "do_sample": self.do_sample,
         }
         if self.do_sample:  # greedy answers do not depend on these
             settings.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed, batch_size=self.batch_size)
         return settings
-
-
-# ----- summaries -----
-
-
-def mean_scores(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float | None]:
-    """The mean of each name over the rows where it is not None (None when no row has it)."""
-    means: dict[str, float | None] = {}
-    for name in names:
-        present = [float(row[name]) for row in rows if row.get(name) is not None]
-        means[name] = sum(present) / len(present) if present else None
-    return means
-
-
-def flat_scores(record: dict[str, Any]) -> dict[str, float | None]:
-    """A judged record's numbers side by side: each dimension, `reward`, and the reference rating if any."""
-    flat: dict[str, float | None] = {**record.get("scores", {}), "reward": record.get("reward")}
-    if record.get("reference") is not None:
-        flat[REFERENCE_SCORE] = record["reference"]["score"]
-    return flat
-
-
-def win_rate(
-    values: Sequence[float | None], baseline: Sequence[float | None], *, tie_margin: float = 0.0
-) -> dict[str, Any]:
-    """Per-prompt comparison of `values` with `baseline`: wins, ties, losses, prompts where either is unscored, and
-    the win rate over the compared prompts (ties count as compared, not as wins)."""
-    counts = {"wins": 0, "ties": 0, "losses": 0, "unscored": 0}
-    for value, base in zip(values, baseline, strict=True):
-        if value is None or base is None:
-            counts["unscored"] += 1
-        elif value - base > tie_margin:
-            counts["wins"] += 1
-        elif base - value > tie_margin:
-            counts["losses"] += 1
-        else:
-            counts["ties"] += 1
-    compared = counts["wins"] + counts["ties"] + counts["losses"]
-    return {**counts, "compared": compared, "win_rate": counts["wins"] / compared if compared else None}
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -188,7 +152,7 @@ def evaluate_models(args: EvaluateArguments, config: LongRewardConfig) -> dict[s
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = _load_input(args, config)
-    documents = [context_and_question(rows[i], config, i) for i in range(len(rows))]
+    documents = [row_document(rows[i], **config.document_columns(), index=i) for i in range(len(rows))]
     references = [rows[i][args.reference_column] for i in range(len(rows))] if args.reference_column else None
     if config.cache_path is None:
         config.cache_path = str(out / JUDGE_CACHE_FILE)
@@ -221,12 +185,12 @@ def evaluate_models(args: EvaluateArguments, config: LongRewardConfig) -> dict[s
 
 def _load_input(args: EvaluateArguments, config: LongRewardConfig) -> Any:
     if args.input is None:
-        from .data import load_long_qa
+        from ..data import load_long_qa
 
         rows = load_long_qa("eval")
     else:
         rows = load_rows(args.input)
-    check_prompt_columns(rows.column_names, config)
+    check_prompt_columns(rows.column_names, **config.document_columns())
     if args.reference_column and args.reference_column not in rows.column_names:
         raise ValueError(
             f"--reference_column {args.reference_column!r} is not a column of the input (columns: "
@@ -245,24 +209,12 @@ def prompt_digest(context: str, question: str) -> str:
 
 
 def _read_records(path: Path) -> dict[Key, dict[str, Any]]:
-    """The records of a (model, index)-keyed JSONL file, the last line of a key winning. A line cut short by a crash
-    is dropped (the file is rewritten without it) and its work is redone."""
-    records: dict[Key, dict[str, Any]] = {}
-    if not path.exists():
-        return records
-    kept, damaged = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            records[(record["model"], int(record["index"]))] = record
-            kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            damaged = True
-    if damaged:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
-    return records
+    """The records of a (model, index)-keyed JSONL file (`load_jsonl`), the last line of a key winning."""
+
+    def keyed(record: dict[str, Any]) -> bool:
+        return isinstance(record.get("model"), str) and isinstance(record.get("index"), int)
+
+    return {(record["model"], record["index"]): record for record in load_jsonl(path, keep=keyed)}
 
 
 def _check_answers(answers: dict[Key, dict[str, Any]], args: EvaluateArguments, documents: list) -> None:
@@ -297,10 +249,12 @@ def _answer(
     import torch
     from tqdm.auto import tqdm
 
-    model, tokenizer = load_model(name, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_causal_lm(name, dtype=args.dtype, device=args.device, option="--model")
     wanted = set(todo)
     # Groups never depend on what is done already, so a resumed sampled run draws the same answers.
-    groups, prepared, position = prompt_groups(rows, todo, args.batch_size, tokenizer, config, args.max_prompt_length)
+    groups, prepared, position = prompt_groups(
+        rows, todo, args.batch_size, tokenizer, max_prompt_length=args.max_prompt_length, **config.document_columns()
+    )
     settings = args.generation_settings()
     written = 0
     try:
@@ -314,7 +268,7 @@ def _answer(
                     model,
                     tokenizer,
                     [prepared[position[i]]["prompt_ids"] for i in group],
-                    max_new_tokens=args.max_new_tokens,
+                    max_completion_length=args.max_completion_length,
                     do_sample=args.do_sample,
                     temperature=args.temperature,
                     top_p=args.top_p,
@@ -374,9 +328,6 @@ def _judge(
     """Judge the pending answers in batches, appending one judged.jsonl line per answer; return this run's cost."""
     from tqdm.auto import tqdm
 
-    from .reward import LongRewardFunction
-    from .reward.reference import ReferenceRater
-
     reward = LongRewardFunction(config)
     rater = ReferenceRater(reward) if args.reference_column else None
     identity = _judge_identity(args, config)
@@ -392,12 +343,14 @@ def _judge(
                     for n, (m, i) in enumerate(batch)
                 ]
                 if args.long_reward:
-                    before = reward.runner.counters.totals()
+                    before = reward.call_counts()
                     judgements = reward.score(
                         completions=texts, **{config.context_column: contexts, config.question_column: questions}
                     )
                     # a judge that answered no call at all: stop before writing lines that would look judged
-                    check_judge_answered(reward, before, rows=f"{len(batch)} answers", output=path)
+                    check_judge_answered(
+                        judgements, before, reward.call_counts(), rows=f"{len(batch)} answers", output=path
+                    )
                     for record, judgement in zip(records, judgements, strict=True):
                         data = judgement.to_dict()
                         record.update({k: data[k] for k in ("reward", "scores", "status", "trace")})
@@ -419,7 +372,7 @@ def _judge(
 
 def _cost(reward: Any, rater: Any) -> dict[str, int]:
     """Judge calls, cache hits, parse failures and judge errors of this run (LongReward's and the ratings')."""
-    totals = reward.runner.counters.totals()
+    totals = reward.call_counts()
     if rater is not None:
         totals = {key: value + rater.stats()[key] for key, value in totals.items()}
     return totals

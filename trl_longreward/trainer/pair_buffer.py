@@ -1,0 +1,33 @@
+"""Pairs kept for `num_iterations > 1`: a batch of prompts comes that many times in a row, its pairs generated and
+judged once (the first time) and trained on every time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PairBuffer:
+    def __init__(self, num_iterations: int) -> None:
+        self.num_iterations = num_iterations
+        self._entries: dict[tuple, list] = {}
+
+    @staticmethod
+    def _key(rows: list[dict[str, Any]]) -> tuple:
+        return tuple(tuple(row["prompt_ids"]) for row in rows)
+
+    def remember(self, rows: list[dict[str, Any]], step: Any) -> None:
+        if self.num_iterations > 1:
+            self._entries[self._key(rows)] = [1, step]
+
+    def reuse(self, rows: list[dict[str, Any]]) -> Any:
+        """What was remembered for exactly these prompts, while it has been used fewer than num_iterations times."""
+        if self.num_iterations <= 1:
+            return None
+        key = self._key(rows)
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        entry[0] += 1
+        if entry[0] >= self.num_iterations:
+            del self._entries[key]
+        return entry[1]
