@@ -8,7 +8,7 @@ ever answered from a cache. After each run the very same judge calls are replaye
 and no pipeline work, through the same judge client: the baseline of what the client and the servers can do at best.
 
 It prints:
-- judge calls: total, per response and per prompt, next to the reference pipeline's count (METHOD.md 2, 6: per
+- judge calls: total, per response and per prompt, next to the reference pipeline's count (docs/method.md section 2, 6: per
   response helpfulness + logicality + completeness score + faithfulness breakdown + one check per statement; per
   prompt one notes extraction per 4096-token chunk), computed from the data, not from our counters;
 - per replica count n: wall time / ideal, where ideal = calls x latency / (n x cap) (goal <= 1.15), the replay's
@@ -88,7 +88,7 @@ def make_cases(num_prompts: int, num_responses: int, context_sentences: int) -> 
 
 
 def reference_calls(cases: list[Case], chunk_tokens: int = 4096) -> dict[str, float]:
-    """The reference pipeline's judge calls (METHOD.md 2.1-2.4): 4 + n per response, ceil(T / 4096) per prompt."""
+    """The reference pipeline's judge calls (docs/method.md section 2.1-2.4): 4 + n per response, ceil(T / 4096) per prompt."""
     from trl_longreward.reward.retrieval import TokenChunker
 
     tokenizer = TokenChunker(None)  # the tokens `chunk_tokenizer="regex"` counts, as the run below uses

@@ -9,9 +9,7 @@ measured even when an earlier one fails: the statement check gets the first stat
 the response's first sentence), and the completeness score gets whatever notes parsed.
 
 Use it to choose `verdict_parsing` for a judge: a judge that passes strict parsing on nearly every call should stay in
-strict mode (the paper). The same probe with the demo's SmolLM2-135M-Instruct judging 2 answers sampled from SmolLM2
-for each of 8 bundled train questions (the demo's temperature and budgets): strict read 31 of 120 answers, lenient 42
-(notes extraction 24 of 40 in both modes; the five other prompts 7 of 80 strict, 18 lenient).
+strict mode (the paper).
 
     python benchmarks/verdict_parsing.py --judge_backend transformers          # the embedded SmolLM2, in process
     python benchmarks/verdict_parsing.py --judge_base_url http://127.0.0.1:8000/v1 --judge_model MODEL \\

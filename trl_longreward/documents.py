@@ -112,10 +112,16 @@ def check_prompt_columns(
     present = set(columns)
     if {context_column, question_column} <= present or "prompt" in present:
         return
+    if what.startswith("--"):
+        fix = "--context_column / --question_column"
+    elif what == "train_dataset":
+        fix = "long_reward={'context_column': ..., 'question_column': ...}"
+    else:
+        fix = "the reward's context_column / question_column"
     raise ValueError(
         f"{what} needs {context_column!r} and {question_column!r} columns, or a 'prompt' column written as "
         f"context + {separator!r} + question (a string or chat messages); it has {sorted(present)}. Rename the "
-        "columns or set context_column / question_column."
+        f"columns or set {fix}."
     )
 
 

@@ -1,6 +1,6 @@
 """Lenient verdict parsing for weak judges (`LongRewardConfig.verdict_parsing="lenient"`): a deviation from the paper.
 
-The paper's protocol (METHOD.md section 2, `parsing.py`) reads only `[[N]]`, `[[label]]` and `<statement>` tags. Small
+The paper's protocol (docs/method.md section 2, `parsing.py`) reads only `[[N]]`, `[[label]]` and `<statement>` tags. Small
 judges rarely copy that format: on the bundled data the demo's SmolLM2-135M wrote `[[N]]` in 2 of 64 scoring and
 checking calls, and instead wrote e.g. `[Score: 6]`, `Score: [3]`, `Output [10]` or `**The score is 10**`, and listed
 statements as numbered items, so that no preference pair formed. The lenient parsers read those forms too:

@@ -1,4 +1,4 @@
-"""Parsers for the judge output protocol (METHOD.md section 2).
+"""Parsers for the judge output protocol (docs/method.md section 2).
 
 Every parser returns `None` when the judge's text does not follow the protocol; the caller then re-samples. Only the
 LAST verdict in the judge's text counts: the judge writes its analysis first and its verdict at the end, and a verdict

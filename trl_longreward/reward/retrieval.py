@@ -4,7 +4,7 @@
   (cut at token offsets), so nothing is lost or re-spelled by a detokenizer.
 - Retrievers index a context's chunks once (`Retriever.index`) and answer top-k queries against that index many times:
   chunk embeddings are computed once per context, not once per response.
-- Top-k results come back in document order, the order the judge is shown them (METHOD.md 2.3).
+- Top-k results come back in document order, the order the judge is shown them (docs/method.md section 2.3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Completeness, divide and conquer (METHOD.md 2.4).
+"""Completeness, divide and conquer (docs/method.md section 2.4).
 
 1. The document is split into `completeness_chunk_tokens`-token chunks; one call per chunk extracts the information
    relevant to the question (or `No relevant information`). This depends on (context, question) only, so it runs once

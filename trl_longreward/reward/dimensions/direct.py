@@ -21,12 +21,12 @@ class _QuestionResponseScorer(DimensionScorer):
 
 
 class HelpfulnessScorer(_QuestionResponseScorer):
-    """Relevance, meeting the user's purpose, detail, format (METHOD.md 2.1)."""
+    """Relevance, meeting the user's purpose, detail, format (docs/method.md section 2.1)."""
 
     name = "helpfulness"
 
 
 class LogicalityScorer(_QuestionResponseScorer):
-    """Internal consistency and correct reasoning, without outside knowledge (METHOD.md 2.2)."""
+    """Internal consistency and correct reasoning, without outside knowledge (docs/method.md section 2.2)."""
 
     name = "logicality"

@@ -1,4 +1,4 @@
-"""Faithfulness, break and check (METHOD.md 2.3, adapted from FactScore).
+"""Faithfulness, break and check (docs/method.md section 2.3, adapted from FactScore).
 
 1. Break: one call lists the response's self-contained factual statements.
 2. Retrieve: the document is split into `faithfulness_chunk_tokens`-token chunks (indexed once per prompt, shared by
