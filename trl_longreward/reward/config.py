@@ -13,68 +13,121 @@ DIMENSIONS = ("helpfulness", "logicality", "faithfulness", "completeness")
 @dataclass
 class LongRewardConfig:
     r"""
-    Configuration of [`LongRewardFunction`].
+    Configuration class for [`LongRewardFunction`]. The defaults are the paper's (docs/method.md section 2); every
+    field is also a command-line flag of `trl-longreward score | build-pairs | evaluate`.
 
     Parameters:
-        > Judge (used when no judge object is passed to the reward function)
+        > Parameters that control the judge (used when no judge object is passed to the reward function)
 
-        judge_backend (`str`, defaults to `"openai"`):
+        judge_backend (`str`, *optional*, defaults to `"openai"`):
             `"openai"`: any OpenAI-compatible endpoint (`vllm serve`, `transformers serve`, a hosted API);
             `"transformers"`: an in-process transformers model; `"vllm"`: in-process `vllm.LLM`.
-        judge_model (`str` or `None`): Model name at the endpoint, or a local path / Hub id for in-process backends.
-            `None` with an in-process backend means the embedded SmolLM2-135M-Instruct.
-        judge_base_url (`str`, `list[str]` or `None`): Base URL of the OpenAI-compatible endpoint, e.g.
-            `http://127.0.0.1:8000/v1`. Several replicas of the same judge (one `vllm serve` per node) as a list or a
-            comma-separated string: each call goes to the least-loaded replica in rotation, and a failing replica is
-            taken out for `judge_endpoint_cooldown` seconds while its calls go to the others.
-        judge_api_key_env (`str`): Name of the environment variable holding the API key (sent to every replica). The
-            key itself is never a config value, so it can never be written to a saved config, checkpoint or model card.
-        judge_max_concurrency (`int`): Judge calls in flight at once per endpoint (per process): n replicas take up
-            to n times this many. For the in-process transformers judge: the most requests in one `generate` call.
-        judge_endpoint_cooldown (`float`): Seconds a failed judge replica stays out of rotation before one call
-            probes it again.
-        judge_timeout (`float`): Seconds before one HTTP judge call times out.
-        judge_max_retries (`int`): Transport retries (429, 5xx, timeouts, connection errors) with exponential backoff.
-        judge_context_window (`int` or `None`): The HTTP judge's context window in tokens, if known (e.g. vLLM's
-            `--max-model-len`); completeness notes are then kept to half of it. In-process judges read it from the
-            model.
+        judge_model (`str` or `None`, *optional*, defaults to `None`):
+            Model name at the endpoint, or a local path / Hub id for in-process backends. `None` with an in-process
+            backend means the embedded SmolLM2-135M-Instruct.
+        judge_base_url (`str`, `list[str]` or `None`, *optional*, defaults to `None`):
+            Base URL of the OpenAI-compatible endpoint, e.g. `http://127.0.0.1:8000/v1`. Several replicas of the same
+            judge (one `vllm serve` per node) as a list or a comma-separated string: each call goes to the
+            least-loaded replica in rotation, and a failing replica is taken out for `judge_endpoint_cooldown` seconds
+            while its calls go to the others.
+        judge_api_key_env (`str`, *optional*, defaults to `"OPENAI_API_KEY"`):
+            Name of the environment variable holding the API key (sent to every replica). The key itself is never a
+            config value, so it can never be written to a saved config, checkpoint or model card.
+        judge_max_concurrency (`int`, *optional*, defaults to `32`):
+            Judge calls in flight at once per endpoint (per process): n replicas take up to n times this many. For the
+            in-process transformers judge: the most requests in one `generate` call.
+        judge_endpoint_cooldown (`float`, *optional*, defaults to `30.0`):
+            Seconds a failed judge replica stays out of rotation before one call probes it again.
+        judge_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds before one HTTP judge call times out.
+        judge_max_retries (`int`, *optional*, defaults to `5`):
+            Transport retries (429, 5xx, timeouts, connection errors) with exponential backoff.
+        judge_context_window (`int` or `None`, *optional*, defaults to `None`):
+            The HTTP judge's context window in tokens, if known (e.g. vLLM's `--max-model-len`); completeness notes
+            are then kept to half of it. In-process judges read it from the model.
 
-        > Pipelines
+        > Parameters that control the pipelines
 
-        dimensions (`list[str]`): Which of helpfulness, logicality, faithfulness, completeness to score.
-        dimension_weights (`dict[str, float]`, `str` or `None`): Weights of the mean; `None` means equal (the paper).
-            A JSON object string (the command line) is parsed, as TRL parses its dict-valued fields.
-        max_missing_dimensions (`int`): The reward is `None` when more dimensions than this failed. The reference code
-            only kept responses with all four scores, hence 0.
-        max_attempts (`int`): Tries per judge call whose answer cannot be parsed (reference: 5).
-        first_temperature / retry_temperature (`float`): Sampling temperature of the first try and of the re-samples.
-        verdict_parsing (`str`): `"strict"` (default, the paper): only `[[N]]`, `[[label]]` and `<statement>` tags
-            count. `"lenient"` (a deviation, for weak judges such as the demo's SmolLM2-135M, which rarely copies
-            that format) also reads `Score: 7`, `Rating: 7/10`, `7 out of 10`, `[7]` or `**7**` ending a line,
-            unbracketed or differently cased support labels, and numbered lists of statements; a verdict in the
-            paper's format always wins, numbers outside 0-10 are rejected, quoted text is ignored, and cache keys are
-            the same in both modes (see `trl_longreward/reward/lenient_parsing.py`).
-        verdict_followup (`bool`): Defaults to `False` (the paper re-samples the whole answer). `True` (a deviation,
-            for weak judges): when an answer does not parse, the judge's own answer is continued greedily after the
-            verdict line of the prompt's worked examples ("Score: [[", "Verdict: [[", "Output:") with a few tokens,
-            and the continued answer is parsed before any re-sample. It costs a short prefill-mostly call instead of
-            a whole new answer. Needs a backend that continues a final assistant message: the in-process transformers
-            and vLLM judges, or `vllm serve` (the request carries `continue_final_message`). Other servers answer in a
-            new turn (`transformers serve` 5.23 always does), which rarely parses; the call then goes on to its
-            re-samples as without the follow-up.
-        zero_statement_policy (`str`): Faithfulness of a response with no factual statement. `"exclude"` (default):
-            faithfulness is not applicable, the reward is the mean of the other dimensions (as FactScore leaves
-            abstaining answers out of precision); `"full"`: 10 (nothing unsupported was claimed); `"zero"`: 0.
-        faithfulness_chunk_tokens / faithfulness_top_k (`int`): Retrieval chunk size and passages per statement.
-        faithfulness_min_checked_fraction (`float`): Share of statements whose check must parse for faithfulness to
-            be scored (default 1.0: all of them; a mean over a subset is never passed off as the score).
-        max_statements (`int` or `None`): Cap on statements checked per response (cost guard); `None` = no cap.
-        completeness_chunk_tokens (`int`): Chunk size of the per-chunk relevant-information extraction.
-        completeness_max_notes_tokens (`int` or `None`): Largest notes the scoring call is given (default 16384
-            tokens, and at most half the judge's context window when it is known). Longer notes (a document far
-            longer than the paper's, relevant everywhere) are condensed by running the extraction prompt again over
-            groups of notes, so the call fits the judge's window; 0 or `None` never condenses (the paper). A
-            deviation that applies only past the cap.
+        dimensions (`list[str]`, *optional*, defaults to all four):
+            Which of helpfulness, logicality, faithfulness, completeness to score.
+        dimension_weights (`dict[str, float]`, `str` or `None`, *optional*, defaults to `None`):
+            Weights of the mean; `None` means equal (the paper). A JSON object string (the command line) is parsed,
+            as TRL parses its dict-valued fields.
+        max_missing_dimensions (`int`, *optional*, defaults to `0`):
+            The reward is `None` when more dimensions than this failed. The reference code only kept responses with
+            all four scores, hence 0.
+        max_attempts (`int`, *optional*, defaults to `5`):
+            Tries per judge call whose answer cannot be parsed (the reference's 5).
+        first_temperature (`float`, *optional*, defaults to `0.0`) and retry_temperature (`float`, *optional*,
+            defaults to `0.95`):
+            Sampling temperature of the first try and of the re-samples.
+        verdict_parsing (`str`, *optional*, defaults to `"strict"`):
+            `"strict"` (the paper): only `[[N]]`, `[[label]]` and `<statement>` tags count. `"lenient"` (a deviation,
+            for weak judges such as the demo's SmolLM2-135M, which rarely copies that format) also reads `Score: 7`,
+            `Rating: 7/10`, `7 out of 10`, `[7]` or `**7**` ending a line, unbracketed or differently cased support
+            labels, and numbered lists of statements; a verdict in the paper's format always wins, numbers outside
+            0-10 are rejected, quoted text is ignored, and cache keys are the same in both modes
+            (`trl_longreward/reward/lenient_parsing.py`).
+        verdict_followup (`bool`, *optional*, defaults to `False`):
+            `False`: the paper (re-sample the whole answer). `True` (a deviation, for weak judges): when an answer does
+            not parse, the judge's own answer is continued greedily after the verdict line of the prompt's worked
+            examples ("Score: [[", "Verdict: [[", "Output:") with a few tokens, and the continued answer is parsed
+            before any re-sample: a short prefill-mostly call instead of a whole new answer. Needs a backend that
+            continues a final assistant message: the in-process transformers and vLLM judges, or `vllm serve` (the
+            request carries `continue_final_message`). Other servers answer in a new turn (`transformers serve`
+            does), which rarely parses; the call then goes on to its re-samples as without the follow-up.
+        score_max_tokens (`int`, *optional*, defaults to `512`), break_max_tokens (`int`, *optional*, defaults to
+            `2048`), check_max_tokens (`int`, *optional*, defaults to `512`), extract_max_tokens (`int`, *optional*,
+            defaults to `1024`):
+            Judge output budgets of the 0-10 scoring calls, the statement breakdown, one statement check and one
+            chunk's notes.
+        zero_statement_policy (`str`, *optional*, defaults to `"exclude"`):
+            Faithfulness of a response with no factual statement. `"exclude"`: faithfulness is not applicable, the
+            reward is the mean of the other dimensions (as FactScore leaves abstaining answers out of precision);
+            `"full"`: 10 (nothing unsupported was claimed); `"zero"`: 0.
+        faithfulness_chunk_tokens (`int`, *optional*, defaults to `128`) and faithfulness_top_k (`int`, *optional*,
+            defaults to `5`):
+            Retrieval chunk size and passages per statement (the paper's).
+        faithfulness_min_checked_fraction (`float`, *optional*, defaults to `1.0`):
+            Share of statements whose check must parse for faithfulness to be scored (all of them: a mean over a
+            subset is never passed off as the score).
+        max_statements (`int` or `None`, *optional*, defaults to `None`):
+            Cap on statements checked per response (cost guard); `None` = no cap.
+        completeness_chunk_tokens (`int`, *optional*, defaults to `4096`):
+            Chunk size of the per-chunk relevant-information extraction (the paper's).
+        completeness_max_notes_tokens (`int` or `None`, *optional*, defaults to `16384`):
+            Largest notes the scoring call is given (and at most half the judge's context window when it is known).
+            Longer notes (a document far longer than the paper's, relevant everywhere) are condensed by running the
+            extraction prompt again over groups of notes, so the call fits the judge's window; 0 or `None` never
+            condenses (the paper). A deviation that applies only past the cap.
+
+        > Parameters that control retrieval and chunking
+
+        retriever (`str`, *optional*, defaults to `"embedding"`):
+            `"embedding"` (sentence-transformers, the paper's), `"openai"` (an OpenAI-compatible `/v1/embeddings`
+            endpoint) or `"bm25"` (lexical, no model).
+        embedding_model (`str` or `None`, *optional*, defaults to `None`):
+            Embedding model (path or name); `None`: the offline all-MiniLM-L6-v2 package.
+        embedding_base_url (`str` or `None`, *optional*, defaults to `None`):
+            Base URL of the `/v1/embeddings` endpoint (`retriever="openai"`).
+        chunk_tokenizer (`str`, *optional*, defaults to `"auto"`):
+            Tokenizer that counts chunk tokens: `"auto"` (the in-process judge's, else the embedding model's, else
+            the regex tokenizer), `"regex"`, or a tokenizer path/name.
+
+        > Parameters that control the data and the outputs
+
+        context_column (`str`, *optional*, defaults to `"context"`) and question_column (`str`, *optional*, defaults
+            to `"question"`):
+            Dataset columns holding the long document and the question.
+        prompt_separator (`str`, *optional*, defaults to `"\n\n"`):
+            Without those columns, the prompt is split as context + separator + question (the paper's format).
+        prompt_dir (`str` or `None`, *optional*, defaults to `None`):
+            Directory with your own versions of the judge prompt files (a changed prompt changes the cache key).
+        cache_path (`str` or `None`, *optional*, defaults to `None`):
+            SQLite file of the persistent judge-call cache; `None` keeps the cache in memory only.
+        show_progress (`bool` or `None`, *optional*, defaults to `None`):
+            A progress bar while judging (responses judged, judge calls, ETA); `None`: only when the output is a
+            terminal.
     """
 
     judge_backend: Literal["openai", "transformers", "vllm"] = field(

@@ -238,6 +238,11 @@ class LongContextDPOConfig(DPOConfig):
         },
     )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled config never holds the Hub token: transformers saves the config as `training_args.bin` beside
+        the model and in checkpoints, and `push_to_hub` uploads that file with them."""
+        return {**self.__dict__, "hub_token": None}
+
     def __post_init__(self) -> None:
         super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
         if self.long_reward is not None and not isinstance(self.long_reward, dict):
