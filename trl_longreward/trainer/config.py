@@ -31,6 +31,9 @@ class LongContextDPOConfig(DPOConfig):
             Cap on prompt+response tokens; `None`: prompts are fitted by `max_prompt_length` instead.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
             Keep dataset columns: the reward needs the context and the question.
+        activation_checkpointing (`bool`, *optional*, defaults to `True`):
+            TRL's default (set through transformers' current name; `gradient_checkpointing`, its deprecated alias,
+            is honoured when given).
 
         > Parameters that control the generation (as in GRPOConfig)
 
@@ -126,6 +129,11 @@ class LongContextDPOConfig(DPOConfig):
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward"]
+
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of activation_checkpointing (on by default, as in TRL)."},
+    )
 
     beta: float = field(default=0.15, metadata={"help": "DPO beta (paper: 0.15)."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate (paper: 1e-6)."})
@@ -244,6 +252,9 @@ class LongContextDPOConfig(DPOConfig):
         return {**self.__dict__, "hub_token": None}
 
     def __post_init__(self) -> None:
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            # TRL's default (on), under transformers' current name: the deprecated alias would warn on every run
+            self.activation_checkpointing = True
         super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
         if self.long_reward is not None and not isinstance(self.long_reward, dict):
             raise ValueError(
