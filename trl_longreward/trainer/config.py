@@ -256,11 +256,21 @@ class LongContextDPOConfig(DPOConfig):
             # TRL's default (on), under transformers' current name: the deprecated alias would warn on every run
             self.activation_checkpointing = True
         super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
-        if self.long_reward is not None and not isinstance(self.long_reward, dict):
-            raise ValueError(
-                f"long_reward must be a mapping of LongRewardConfig fields (a JSON object on the command line), got "
-                f"{self.long_reward!r}."
-            )
+        if self.long_reward is not None:
+            if not isinstance(self.long_reward, dict):
+                raise ValueError(
+                    f"long_reward must be a mapping of LongRewardConfig fields (a JSON object on the command line), "
+                    f"got {self.long_reward!r}."
+                )
+            from ..reward.config import LongRewardConfig
+
+            # A bad judge setting fails here, before any model loads.
+            try:
+                LongRewardConfig(**self.long_reward)
+            except TypeError as err:
+                raise ValueError(f"long_reward: {err} (the keys are LongRewardConfig fields).") from err
+            except ValueError as err:
+                raise ValueError(f"long_reward: {err}") from err
         self.min_scored_samples = check_sampling_options(
             num_generations=self.num_generations,
             min_scored_samples=self.min_scored_samples,

@@ -1,9 +1,13 @@
 """Pairs kept for `num_iterations > 1`: a batch of prompts comes that many times in a row, its pairs generated and
-judged once (the first time) and trained on every time."""
+judged once (the first time) and trained on every time. The buffer is saved in checkpoints (`state_dict`), so a run
+resumed between two repeats of a batch trains on the same pairs instead of generating new ones."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
+
+from ..pairs import PairSelection
 
 
 class PairBuffer:
@@ -31,3 +35,34 @@ class PairBuffer:
         if entry[0] >= self.num_iterations:
             del self._entries[key]
         return entry[1]
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """The buffered steps as JSON-able records: the prompts, the uses so far, and (examples, selections,
+        rewards, samples)."""
+        records = []
+        for key, (uses, (examples, selections, rewards, samples)) in self._entries.items():
+            records.append(
+                {
+                    "prompt_ids": [list(ids) for ids in key],
+                    "uses": uses,
+                    "examples": examples,
+                    "selections": [asdict(selection) for selection in selections],
+                    "rewards": rewards,
+                    "samples": samples,
+                }
+            )
+        return records
+
+    def load_state_dict(self, records: list[dict[str, Any]]) -> None:
+        self._entries = {
+            tuple(tuple(ids) for ids in record["prompt_ids"]): [
+                record["uses"],
+                (
+                    record["examples"],
+                    [PairSelection(**selection) for selection in record["selections"]],
+                    record["rewards"],
+                    record["samples"],
+                ),
+            ]
+            for record in records
+        }

@@ -46,6 +46,7 @@ from .rewards import describe_reward, score_samples
 
 _LOSS_SCALE = "loss_scale"
 PAIR_STATS_FILE = "long_reward_pair_stats.json"
+PAIR_BUFFER_FILE = "long_reward_pair_buffer_{rank}.json"
 logger = logging.getLogger(__name__)
 
 
@@ -392,23 +393,45 @@ class LongContextDPOTrainer(DPOTrainer):
         )
 
     def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint, plus the pair statistics and offline cursor (main process) and each rank's buffered
+        pairs (`num_iterations > 1`; one file per rank, as transformers does with the RNG states)."""
         super()._save_checkpoint(model, trial)
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if not os.path.isdir(folder):
+            return
         if self.is_world_process_zero():
-            path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", PAIR_STATS_FILE)
-            if os.path.isdir(os.path.dirname(path)):
-                with open(path, "w", encoding="utf-8") as handle:
-                    json.dump(
-                        {"pair_stats": dict(self.pair_stats), "offline_cursor": self.offline_pairs.cursor}, handle
-                    )
+            with open(os.path.join(folder, PAIR_STATS_FILE), "w", encoding="utf-8") as handle:
+                json.dump({"pair_stats": dict(self.pair_stats), "offline_cursor": self.offline_pairs.cursor}, handle)
+        if self.args.num_iterations > 1:
+            path = os.path.join(folder, PAIR_BUFFER_FILE.format(rank=self.accelerator.process_index))
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(self.pair_buffer.state_dict(), handle)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, PAIR_STATS_FILE)
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval=None):
+        """`Trainer.train`; resuming also restores the pair statistics, the offline cursor and this rank's buffered
+        pairs saved with the checkpoint (whatever the engine: DDP, FSDP or DeepSpeed)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer raises its own error
+        if isinstance(checkpoint, str | os.PathLike):
+            self._load_long_reward_state(str(checkpoint))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+        )
+
+    def _load_long_reward_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, PAIR_STATS_FILE)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:
                 saved = json.load(handle)
             self.pair_stats = Counter(saved.get("pair_stats", {}))
             self.offline_pairs.cursor = int(saved.get("offline_cursor", 0))
+        buffer_path = os.path.join(checkpoint, PAIR_BUFFER_FILE.format(rank=self.accelerator.process_index))
+        if os.path.exists(buffer_path):
+            with open(buffer_path, encoding="utf-8") as handle:
+                self.pair_buffer.load_state_dict(json.load(handle))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the model and, when called for the final model (not from a checkpoint save), its model card
