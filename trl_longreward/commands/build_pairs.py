@@ -23,6 +23,7 @@ the middle of the document to fit `max_prompt_length` (head and tail kept, never
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -125,8 +126,8 @@ def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> d
     check_prompt_columns(rows.column_names, **reward_config.document_columns())
     if len(rows) == 0:
         raise ValueError(f"--input {args.input!r} has no rows.")
-    if reward_config.cache_path is None:
-        reward_config.cache_path = str(out_dir / JUDGE_CACHE_FILE)
+    if reward_config.cache_path is None:  # a copy: the caller's config is left as it was
+        reward_config = dataclasses.replace(reward_config, cache_path=str(out_dir / JUDGE_CACHE_FILE))
     samples_path = out_dir / SAMPLES_FILE
     done = resume_jsonl(samples_path)
     _check_same_input(samples_path, rows, reward_config)

@@ -27,6 +27,7 @@ another input is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -154,8 +155,8 @@ def evaluate_models(args: EvaluateArguments, config: LongRewardConfig) -> dict[s
     rows = _load_input(args, config)
     documents = [row_document(rows[i], **config.document_columns(), index=i) for i in range(len(rows))]
     references = [rows[i][args.reference_column] for i in range(len(rows))] if args.reference_column else None
-    if config.cache_path is None:
-        config.cache_path = str(out / JUDGE_CACHE_FILE)
+    if config.cache_path is None:  # a copy: the caller's config is left as it was
+        config = dataclasses.replace(config, cache_path=str(out / JUDGE_CACHE_FILE))
 
     answers = _read_records(out / ANSWERS_FILE)
     _check_answers(answers, args, documents)

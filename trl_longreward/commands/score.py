@@ -11,6 +11,7 @@ output are skipped, and every judge call already paid for is answered from the j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -90,8 +91,8 @@ def run_score(args: ScoreArguments, config: LongRewardConfig) -> dict[str, Any]:
         )
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    if config.cache_path is None:
-        config.cache_path = str(output) + ".judge_cache.sqlite"
+    if config.cache_path is None:  # a copy: the caller's config is left as it was
+        config = dataclasses.replace(config, cache_path=str(output) + ".judge_cache.sqlite")
     done = resume_jsonl(output)
     todo = [i for i in range(len(rows)) if i not in done]
     check_score_rows(rows, todo, args, config)
