@@ -97,3 +97,28 @@ def test_a_resume_between_two_repeats_trains_on_the_buffered_pairs(model_path, t
     logs = [log for log in resumed.state.log_history if "loss" in log]
     assert logs[-1]["step"] == 2 and logs[-1]["pairs/online"] > 0
     assert any(not torch.equal(p, before[n]) for n, p in resumed.model.named_parameters())
+
+
+def test_the_reward_the_trainer_built_is_closed_after_training_and_rebuilt_for_the_next(model_path, tmp_path):
+    with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=length_helpfulness)) as server:
+        long_reward = {
+            "judge_base_url": server.base_url,
+            "judge_model": "scripted-judge",
+            "retriever": "bm25",
+            "chunk_tokenizer": "regex",
+            "max_attempts": 1,
+        }
+        args = small_dpo_config(tmp_path / "out", max_steps=1, long_reward=long_reward)
+        trainer = LongContextDPOTrainer(model=model_path, args=args, train_dataset=prompts_dataset(2))
+        first = trainer.reward_funcs[0]
+        trainer.train()
+        assert first.closed and first.stats()["judge_calls"] > 0  # closed, its counters still readable
+        trainer.args.max_steps = 2
+        trainer.train()  # training again gets a fresh reward, closed in its turn
+        assert trainer.reward_funcs[0] is not first and trainer.reward_funcs[0].closed
+        given = _reward(server, tmp_path / "given.sqlite")
+        LongContextDPOTrainer(
+            model=model_path, args=args, train_dataset=prompts_dataset(2), reward_funcs=[given]
+        ).train()
+        assert not given.closed  # a reward passed in belongs to the caller
+        given.close()

@@ -284,7 +284,14 @@ class LongRewardFunction:
             stats["judge_endpoints"] = endpoint_stats()
         return stats
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called: the judge's connections and the cache file are released."""
+        return getattr(self, "_closed", False)
+
     def close(self) -> None:
+        """Release the judge's connections, its event loop and the cache file (safe to call twice)."""
+        self._closed = True
         if self._loop is not None:
             try:
                 self._loop.run(self.judge.aclose())

@@ -158,6 +158,7 @@ class LongContextDPOTrainer(DPOTrainer):
         self.preference_collator = data_collator or DataCollatorForPreference(
             pad_token_id=self.processing_tokenizer.pad_token_id, max_length=args.max_length
         )
+        self._owns_reward = reward_funcs is None  # the default reward is built here, and closed after training
         self.reward_funcs = self._build_reward_funcs(reward_funcs)
         self.reward_func_names = [get_callable_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
@@ -409,7 +410,8 @@ class LongContextDPOTrainer(DPOTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval=None):
         """`Trainer.train`; resuming also restores the pair statistics, the offline cursor and this rank's buffered
-        pairs saved with the checkpoint (whatever the engine: DDP, FSDP or DeepSpeed)."""
+        pairs saved with the checkpoint (whatever the engine: DDP, FSDP or DeepSpeed). The default reward (built
+        from `args.long_reward`) is closed when training ends, also when it stops on an error."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
@@ -417,9 +419,16 @@ class LongContextDPOTrainer(DPOTrainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer raises its own error
         if isinstance(checkpoint, str | os.PathLike):
             self._load_long_reward_state(str(checkpoint))
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
-        )
+        if self._owns_reward and any(getattr(f, "closed", False) for f in self.reward_funcs):
+            self.reward_funcs = self._build_reward_funcs(None)  # trained before: a fresh reward on the same cache
+        try:
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+            )
+        finally:
+            if self._owns_reward:  # the reward this trainer built releases its judge and cache file
+                for func in self.reward_funcs:
+                    func.close()
 
     def _load_long_reward_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, PAIR_STATS_FILE)
