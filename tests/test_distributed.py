@@ -1,8 +1,10 @@
 """`LongContextDPOTrainer` on two gloo ranks (`torchrun --nproc_per_node 2`), judged over HTTP by the scripted judge.
 
-One rank gets only tied rewards on its first step, so it has no valid pair and runs the zero-scaled dummy step while
-the other rank trains on a real pair. The job must finish (no deadlock), DDP must keep the parameters identical on
-both ranks, and the judge must have heard from both ranks.
+One rank gets only tied rewards on its first step, so it has no valid pair: it trains a stand-in pair whose loss
+weighs 0 (so that it still takes part in DDP's gradient all-reduce) while the other rank trains on its real pairs.
+The job must finish (no deadlock), DDP must keep the parameters identical on both ranks, and the judge must have heard
+from both ranks. That such a step equals the one-process step on the union of the ranks' pairs, metrics included, is
+`tests/test_ddp_uneven.py`'s test.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def test_two_ranks_train_with_a_pairless_rank(tokenizer_available: None, tmp_pat
     # The logged pair counts are reduced over the ranks: every rank logs the sum of the ranks' own counts.
     for record in records:
         assert record["global_pairs"] == [float(sum(step)) for step in zip(*local, strict=True)], (local, record)
-    # On the first step the tied rank had no pair (it ran the zero-scaled dummy step) while the other rank had one.
+    # On the first step the tied rank had no pair (it trained a stand-in pair weighted 0) while the other had one.
     other = 1 - TIE_RANK
     assert local[TIE_RANK][0] == 0 and local[other][0] >= 1, local
     tied_step = records[TIE_RANK]["reward_calls"][0]

@@ -7,7 +7,7 @@ Run by `tests/test_distributed.py`::
 
 The policy is a tiny Llama built from a config (the same seed on every rank) with SmolLM2's tokenizer. The reward is
 `LongRewardFunction` against the judge at `--judge_url`, wrapped so that rank `--tie_rank` gives every sample of its
-first step the same reward: that rank has no valid pair on that step and must run the zero-scaled dummy step while the
+first step the same reward: that rank has no valid pair on that step and trains a stand-in pair weighted 0 while the
 other ranks train on real pairs. Each judge request carries `user="rank-N"`, so the server can tell the ranks apart.
 `OUT/rank{N}.json` holds the rank's per-step local and global pair counts, its questions, completions and rewards
 per step, and parameter checksums before and after training.

@@ -7,8 +7,11 @@ Each training step, for the prompts of the batch:
 3. pair the best and the worst sample of each prompt (`trl_longreward.pairs`), from the policy's own tokens,
 4. add offline pairs at `offline_ratio` (`offline.py`), and take a DPO step on the pairs (TRL's loss, unchanged;
    with `prompt_once`, each pair as one packed sequence, `prompt_once.py`).
-Prompts without a valid pair are skipped and counted. A rank without any pair still runs a forward/backward with its
-loss scaled to 0, so distributed ranks never wait on each other forever.
+Prompts without a valid pair are skipped and counted, so ranks hold different numbers of pairs: each rank's loss is
+weighted by its share of the pairs of all ranks, so that the step is the step over the union of their pairs; a rank
+without any pair trains a stand-in pair whose loss counts 0 and which enters no metric (its ranks never wait on each
+other forever), and a step without any pair on any rank leaves the weights and the optimizer state as they are
+(`ddp.py`).
 
 Callbacks that define `on_step_judged(args, state, control, judged=JudgedStep)` receive each step's judged samples
 and pairs (the HTML report's `JudgedStepRecorder` does).
@@ -36,6 +39,15 @@ from trl.trainer.utils import get_callable_name
 from ..documents import prepare_prompt_dataset
 from ..pairs import SKIP_REASONS, PairSelection, select_best_worst
 from .config import LongContextDPOConfig
+from .ddp import (
+    PairMetricsAccelerator,
+    chosen_completion_tokens,
+    drop_metrics_since,
+    gather_pair_shares,
+    metrics_snapshot,
+    step_gate,
+    union_loss_weights,
+)
 from .generation import PolicySampler
 from .model_card import long_reward_card_section
 from .offline import OfflinePairs, check_offline_columns
@@ -44,7 +56,7 @@ from .pair_buffer import PairBuffer
 from .prompt_once import pack_pairs, prompt_once_forward, unsupported_reason
 from .rewards import describe_reward, score_samples
 
-_LOSS_SCALE = "loss_scale"
+_PAIR_SHARES = "pair_shares"
 PAIR_STATS_FILE = "long_reward_pair_stats.json"
 PAIR_BUFFER_FILE = "long_reward_pair_buffer_{rank}.json"
 logger = logging.getLogger(__name__)
@@ -249,14 +261,18 @@ class LongContextDPOTrainer(DPOTrainer):
         self._judge_outage_steps = self._judge_outage_steps + 1 if outage else 0
         if self.args.max_judge_outage_steps and self._judge_outage_steps >= self.args.max_judge_outage_steps:
             self._stop_for_judge_outage(model, reward_metrics)
-        loss_scale = 1.0
-        if not examples:  # keep this rank in step with the others: a real forward/backward whose loss counts 0
+        num_pairs = len(examples)
+        if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
             first = samples[0][0]["completion_ids"]
             examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
-            loss_scale = 0.0
         batch = self.preference_collator(examples)
-        batch[_LOSS_SCALE] = torch.tensor(loss_scale)
+        # every rank, every micro-step: the ranks' pair counts weight their losses (see compute_loss)
+        shares = gather_pair_shares(self.accelerator, num_pairs, chosen_completion_tokens(batch) if num_pairs else 0)
+        batch[_PAIR_SHARES] = shares
         loss = super().training_step(model, batch, num_items_in_batch)
+        gate = step_gate(self.optimizer)
+        if gate is not None:  # no pair on any rank in the whole accumulation window: the optimizer step is skipped
+            gate.add(shares.total, sync=self.accelerator.sync_gradients)
         trained = time.perf_counter()
         for name, seconds in (
             ("generation", generated - started),
@@ -321,18 +337,33 @@ class LongContextDPOTrainer(DPOTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        scale = inputs.pop(_LOSS_SCALE, None)
-        # Ranks hold different numbers of pairs (prompts without a pair are skipped), but TRL's DPO metrics gather
-        # per-pair tensors as if every rank had the same batch size; gather them padded and trim the padding.
-        self.accelerator.gather = self._gather_uneven
+        """TRL's DPO loss; for a training batch (which carries the micro-step's `PairShares`) weighted by this rank's
+        share of the pairs of all ranks, so that DDP's gradient average is the gradient over the union of their pairs.
+
+        Transformers divides the result by the gradient accumulation steps (`num_items_in_batch` is None: the batches
+        are prompt rows), so each micro-step counts as the mean over its pairs, as on one process. TRL's DPO metrics
+        are gathered through `PairMetricsAccelerator`, which takes each rank's real pairs (a stand-in pair is in no
+        metric, and ranks of any size gather together); a micro-step without any pair adds no DPO metric.
+        """
+        shares = inputs.pop(_PAIR_SHARES, None)
+        if shares is None:  # evaluation: ordinary preference batches
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        scale, loss_weights = union_loss_weights(self.loss_types, self.loss_weights, shares)
+        metrics = self._metrics["train"]
+        before = metrics_snapshot(metrics)
+        accelerator, base_weights = self.accelerator, self.loss_weights
+        # TRL reads both from the trainer inside its loss; they are the trainer's again right after
+        self.accelerator, self.loss_weights = PairMetricsAccelerator(accelerator, shares), loss_weights
         try:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
         finally:
-            del self.accelerator.gather  # back to the Accelerator's own method
-        if scale is None:
-            return result
+            self.accelerator, self.loss_weights = accelerator, base_weights
+        if shares.total == 0:
+            drop_metrics_since(metrics, before)
         if return_outputs:
             return result[0] * scale, result[1]
         return result * scale
@@ -363,16 +394,6 @@ class LongContextDPOTrainer(DPOTrainer):
         dtype = next(modules[0].parameters()).dtype
         with prompt_once_forward(modules, packed, dtype):
             return super()._compute_loss(model, inputs, return_outputs)
-
-    def _gather_uneven(self, tensor):
-        accelerator = self.accelerator
-        gather = type(accelerator).gather.__get__(accelerator)
-        if accelerator.num_processes == 1 or not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
-            return gather(tensor)
-        sizes = gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
-        padded = accelerator.pad_across_processes(tensor, dim=0)
-        pieces = gather(padded).split(padded.shape[0])
-        return torch.cat([piece[:size] for piece, size in zip(pieces, sizes, strict=True)])
 
     # ----- judge outages, checkpoints, the model card -----
 
