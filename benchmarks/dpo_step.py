@@ -8,6 +8,11 @@ peak RSS - reset before each step through /proc/self/clear_refs - on CPU), and t
 
     python benchmarks/dpo_step.py                      # CPU: a small config-built Llama, 1k/2k/4k prompts
     python benchmarks/dpo_step.py --device cuda --model 0.5b --lengths 8192 16384 32768 65536 --dtype bfloat16
+    python benchmarks/dpo_step.py --family mistral --sliding-window 512 --lengths 2048   # every layer slides
+
+`--family` builds the same shape in another model family; with a sliding window smaller than the prompt, the packed
+row's masks carry the window per kind of layer (mistral: every layer; qwen2: the upper half of the layers; gemma3:
+five sliding layers to one full one).
 
 The limit of the speed-up is about (2P + C + R) / (P + C + R + 1) for prompt length P and responses C, R.
 """
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = {  # config-built Llama models (random weights: speed and memory do not depend on the values)
+MODELS = {  # config-built model shapes (random weights: speed and memory do not depend on the values)
     "tiny": dict(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
     ),
@@ -42,18 +47,42 @@ MODELS = {  # config-built Llama models (random weights: speed and memory do not
 }
 
 
-def build_model(path: Path, name: str, vocab_size: int, max_positions: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3")
 
-    config = LlamaConfig(
+
+def family_config(family: str, layers: int, window: int) -> dict:
+    """The model type and attention options of a family: "llama" full attention, the others a sliding window."""
+    if family == "llama":
+        return {"model_type": "llama", "rope_theta": 500000.0}
+    if family == "mistral":
+        return {"model_type": "mistral", "sliding_window": window}
+    if family == "qwen2":
+        return {
+            "model_type": "qwen2",
+            "use_sliding_window": True,
+            "sliding_window": window,
+            "max_window_layers": layers // 2,
+        }
+    types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    return {"model_type": "gemma3_text", "sliding_window": window, "layer_types": types}
+
+
+def build_model(path: Path, name: str, vocab_size: int, max_positions: int, family: str = "llama", window: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = MODELS[name]
+    options = family_config(family, shape["num_hidden_layers"], window)
+    config = AutoConfig.for_model(
+        options.pop("model_type"),
         vocab_size=vocab_size,
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
-        rope_theta=500000.0,
-        **MODELS[name],
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        **shape,
+        **options,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
 
 
 class PeakMemory:
@@ -157,7 +186,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     work = Path(tempfile.mkdtemp())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_model_path())
     tokenizer.save_pretrained(work / "model")
-    build_model(work / "model", args.model, len(tokenizer), max(args.lengths) + 2 * args.response_tokens + 8)
+    max_positions = max(args.lengths) + 2 * args.response_tokens + 8
+    family, window = getattr(args, "family", "llama"), getattr(args, "sliding_window", 512)  # callers' namespaces
+    build_model(work / "model", args.model, len(tokenizer), max_positions, family, window)
     trl_trainer, ours = make_trainers(str(work / "model"), args)
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=None)
     generator = torch.Generator().manual_seed(0)
@@ -215,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--family", choices=FAMILIES, default="llama", help="model family (default: llama)")
+    parser.add_argument(
+        "--sliding-window", type=int, default=512, help="sliding window of the families that have one (tokens)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--response-tokens", type=int, default=128)
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step")
@@ -229,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
         "model": args.model,
+        "family": args.family,
+        "sliding_window": None if args.family == "llama" else args.sliding_window,
         "dtype": args.dtype,
         "attn": args.attn,
         "gradient_checkpointing": args.gradient_checkpointing,

@@ -1,5 +1,5 @@
-"""Tiny Llama models built from a config, with the real SmolLM2 tokenizer, and the small CPU training setup that the
-trainer, callback and reliability tests share."""
+"""Tiny models built from a config (a Llama, or any causal LM family), with the real SmolLM2 tokenizer, and the small
+CPU training setup that the trainer, callback and reliability tests share."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from datasets import Dataset
 from known_answers import CONTEXT, QUESTION
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+)
 
 from trl_longreward.models import default_model_path
 from trl_longreward.trainer import LongContextDPOConfig
@@ -52,6 +59,41 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+#: The vocabulary of `tiny_causal_lm` models: token ids below it, and the SmolLM2 pad/eos/bos ids (0-2), are valid.
+TINY_VOCAB = 256
+
+
+def tiny_causal_lm(path: Path, model_type: str, *, seed: int = 0, **config_kwargs: Any) -> str:
+    """Save a randomly initialised tiny causal LM of any transformers family (`model_type`, e.g. "mistral") and the
+    SmolLM2 tokenizer to `path`.
+
+    Defaults: hidden 32, 2 layers, 2 heads (1 key/value head) of 16, a `TINY_VOCAB`-token vocabulary (the tokenizer
+    is larger; use ids below `TINY_VOCAB`), untied embeddings; `config_kwargs` override them and set family options
+    (sliding window, layer types, experts, ...). The same arguments and seed give the same weights on every call.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    values: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    values.update(config_kwargs)
+    config = AutoConfig.for_model(model_type, **values)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -1,35 +1,13 @@
-"""Prompt-once DPO forward: each pair's long prompt goes through the model once, not twice.
-
-TRL's `DPOTrainer` runs a pair as two rows, `[prompt, chosen]` and `[prompt, rejected]`, so a long document is
-processed twice by the policy and twice by the reference. Here a pair becomes ONE row:
-
-    [prompt[:-1], prompt[-1], chosen..., prompt[-1], rejected...]
-     shared body  '--- chosen branch ---'  '--- rejected branch ---'
-
-The last prompt token starts both branches (it is repeated once, at the same position id), so every completion token
-is predicted from a position that holds exactly the hidden state it has in TRL's two-row layout: the first rejected
-token is predicted by the branch's own copy of the last prompt token. Branch tokens attend to the shared body and to
-their own branch (causally), never to the other branch; position ids restart at `len(prompt) - 1` in each branch.
-The mask is a 4-D boolean mask for SDPA, an additive float mask for eager attention, or a `BlockMask` (built from
-segment ids, O(L) memory) for flex attention: attention backends transformers already has, no new kernel.
-
-The packing is applied by a forward pre-hook that rewrites the batch TRL gives the model, and a forward hook that
-scatters the fused LM head's per-token outputs (log-probs, entropy, ...) back to TRL's two-row shape: TRL's loss and
-metrics code runs unchanged on numbers equal to its own (tested to a tight tolerance, gradients included).
-
-A row costs `P + C + R + 1` tokens instead of `2P + C + R`; the attention mask of SDPA and eager is `L x L` per row
-(use flex attention for very long rows).
-"""
-
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.masking_utils import chunked_overlay, sliding_window_overlay
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +15,157 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 _PER_TOKEN_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 _BODY, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, -1
+FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """What one kind of layer lets a query see besides causality: every earlier key (`FULL`), the last `size`
+    positions (`SLIDING`, transformers' `sliding_window_overlay`), or its chunk of `size` positions (`CHUNKED`)."""
+
+    kind: str = FULL
+    size: int | None = None
+
+    def overlay(self, batch_size: int, device: torch.device) -> Callable | None:
+        """transformers' own window function for this pattern, to be called on position ids (None: no window)."""
+        if self.kind == SLIDING:
+            return sliding_window_overlay(self.size)
+        if self.kind == CHUNKED:  # TRL's rows are right-padded: chunks start at position 0
+            return chunked_overlay(self.size, torch.zeros(batch_size, dtype=torch.long, device=device))
+        return None
+
+
+#: How a layout maps to `attention_mask`: None keys one mask for every layer; layer-type keys make a dict of masks.
+AttentionLayout = dict[str | None, AttentionPattern]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a model family builds its attention masks in transformers 5.23 (read from its `modeling_*.py`).
+
+    `by_layer_type`: its forward takes a dict of masks keyed by `config.layer_types` (it checks
+    `isinstance(attention_mask, dict)`) and indexes it with each layer's type; otherwise it builds one mask that
+    every layer uses. `sliding`: it applies `config.sliding_window` (to every layer, or to its "sliding_attention"
+    layers). `chunked`: it applies `config.attention_chunk_size` to its "chunked_attention" layers.
+    """
+
+    by_layer_type: bool = False
+    sliding: bool = False
+    chunked: bool = False
+
+
+#: Model types (`config.model_type` of the text model) whose packed forward is checked against TRL's two rows,
+#: gradients included, in tests/test_prompt_once_matrix.py. Any other family runs TRL's two rows.
+VERIFIED_FAMILIES: dict[str, Family] = {
+    "llama": Family(),
+    "gemma": Family(),
+    "olmo2": Family(),
+    "cohere": Family(),
+    "glm": Family(),
+    "glm4": Family(),
+    "mistral": Family(sliding=True),
+    "mixtral": Family(sliding=True),
+    "phi3": Family(sliding=True),
+    "qwen3_moe": Family(sliding=True),
+    "qwen2": Family(by_layer_type=True, sliding=True),
+    "qwen3": Family(by_layer_type=True, sliding=True),
+    "gemma2": Family(by_layer_type=True, sliding=True),
+    "gemma3_text": Family(by_layer_type=True, sliding=True),
+    "cohere2": Family(by_layer_type=True, sliding=True),
+    "olmo3": Family(by_layer_type=True, sliding=True),
+    "ministral": Family(by_layer_type=True, sliding=True),
+    "smollm3": Family(by_layer_type=True, sliding=True),
+}
+
+#: RoPE types whose frequencies do not depend on the batch, and those that depend on the largest position id of the
+#: batch (equal for the packed rows only when the two-row batch has no padding column beyond its longest row).
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def text_config(model: Any) -> Any:
+    """The config of the model's language model (the config itself for a causal LM), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
+def attention_layout(model: Any) -> tuple[AttentionLayout | None, str | None]:
+    """The attention patterns the model's layers use, keyed as its forward reads its masks, or why it is unknown.
+
+    Every config setting that changes which keys a query sees must be understood here; one that is not (a window
+    on a family that does not read it, an unknown layer type, bidirectional attention, ...) gives a reason instead.
+    """
+    config = text_config(model)
+    if config is None:
+        return None, "the model has no config"
+    model_type = getattr(config, "model_type", None)
+    family = VERIFIED_FAMILIES.get(model_type)
+    if family is None:
+        return None, (
+            f"model type {model_type!r} is not among the families verified for prompt-once "
+            f"({', '.join(sorted(VERIFIED_FAMILIES))})"
+        )
+    if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
+        return None, f"{model_type} is configured for bidirectional attention"
+    window = getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    for name, value, understood in (
+        ("sliding_window", window, family.sliding),
+        ("attention_chunk_size", chunk, family.chunked),
+    ):
+        if value is None:
+            continue
+        if not understood:
+            return None, f"{name}={value!r} is set but {model_type} is not verified with it"
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return None, f"{name}={value!r} is not a positive number of tokens"
+    layer_types = getattr(config, "layer_types", None)
+    patterns = {FULL: AttentionPattern()}
+    if window is not None:
+        patterns[SLIDING] = AttentionPattern(SLIDING, window)
+    if chunk is not None:
+        patterns[CHUNKED] = AttentionPattern(CHUNKED, chunk)
+    if family.by_layer_type:
+        if not layer_types:
+            return None, f"{model_type} has no config.layer_types"
+        unknown = sorted(set(layer_types) - set(patterns))
+        if unknown:
+            return None, f"layer types {unknown} of {model_type} are unknown or have no window set"
+        return {kind: patterns[kind] for kind in sorted(set(layer_types))}, None
+    if window is not None and chunk is not None:
+        return None, f"{model_type} sets both sliding_window and attention_chunk_size"
+    single = patterns[SLIDING if window is not None else CHUNKED if chunk is not None else FULL]
+    if layer_types is not None and set(layer_types) != {single.kind}:
+        return None, (
+            f"config.layer_types {sorted(set(layer_types))} of {model_type} differ from the attention its forward "
+            f"applies to every layer ({single.kind})"
+        )
+    return {None: single}, None
+
+
+def _rope_reason(config: Any, inputs: dict[str, Any]) -> str | None:
+    """Why the packed row's rotary embeddings could differ from the two rows' (None when they cannot)."""
+    parameters = getattr(config, "rope_parameters", None)
+    if not isinstance(parameters, dict):
+        return None
+    nested = parameters and all(isinstance(value, dict) for value in parameters.values())
+    for entry in parameters.values() if nested else [parameters]:
+        rope_type = entry.get("rope_type", entry.get("type", "default"))
+        if rope_type in _STATIC_ROPE:
+            continue
+        if rope_type in _LENGTH_DEPENDENT_ROPE or "dynamic" in str(rope_type):
+            lengths = inputs["attention_mask"].sum(dim=1)
+            if int(lengths.max()) != inputs["input_ids"].shape[1]:
+                return (
+                    f"rope_type {rope_type!r} depends on the padded length of the two-row batch, which is longer "
+                    "than its longest row (pad_to_multiple_of in the collator?)"
+                )
+            continue
+        return f"rope_type {rope_type!r} is not verified for prompt-once"
+    return None
 
 
 @dataclass
@@ -49,6 +178,7 @@ class PackedPairs:
     source_row: torch.Tensor  # [2B, T - 1]: packed row holding each shifted two-row position
     source_col: torch.Tensor  # [2B, T - 1]: packed shifted position (clamped where invalid)
     valid: torch.Tensor  # [2B, T - 1]: whether the two-row position has a packed counterpart
+    _masks: dict[tuple, Any] = field(default_factory=dict, repr=False)  # built masks, shared by policy and reference
 
     @property
     def length(self) -> int:
@@ -68,39 +198,60 @@ class PackedPairs:
         gathered = packed[self.source_row, self.source_col]
         return torch.where(self.valid, gathered, torch.zeros((), dtype=packed.dtype, device=packed.device))
 
-    def mask_for(self, attn_implementation: str, dtype: torch.dtype) -> Any:
-        """The attention mask for the given attention implementation."""
-        if attn_implementation == "flex_attention":
-            return self._block_mask()
-        allowed = self._allowed()
-        if attn_implementation == "sdpa":
-            return allowed
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    def masks_for(self, layout: AttentionLayout, attn_implementation: str, dtype: torch.dtype) -> Any:
+        """The `attention_mask` to give a model with this layout: one mask, or a dict keyed by layer type."""
+        masks = {key: self.mask_for(attn_implementation, dtype, pattern) for key, pattern in layout.items()}
+        return masks[None] if None in masks else masks
 
-    def _allowed(self) -> torch.Tensor:
+    def mask_for(
+        self, attn_implementation: str, dtype: torch.dtype, pattern: AttentionPattern = AttentionPattern()
+    ) -> Any:
+        """The attention mask of one kind of layer for the given attention implementation."""
+        key = (attn_implementation, dtype if attn_implementation == "eager" else None, pattern)
+        if key not in self._masks:
+            if attn_implementation == "flex_attention":
+                mask = self._block_mask(pattern)
+            else:
+                allowed = self._allowed(pattern)
+                if attn_implementation == "sdpa":
+                    mask = allowed
+                else:
+                    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+                    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def _allowed(self, pattern: AttentionPattern = AttentionPattern()) -> torch.Tensor:
         """[B, 1, L, L] boolean: query q may attend key k."""
-        seg = self.segments
-        length = seg.shape[1]
+        seg, pos = self.segments, self.position_ids
+        batch, length = seg.shape
         idx = torch.arange(length, device=seg.device)
         causal = idx[None, :, None] >= idx[None, None, :]
         q_seg, k_seg = seg[:, :, None], seg[:, None, :]
         allowed = causal & (k_seg != _PAD) & (q_seg != _PAD) & ((k_seg == _BODY) | (k_seg == q_seg))
+        overlay = pattern.overlay(batch, seg.device)
+        if overlay is not None:  # the window, measured in position ids as in each two-row row
+            rows = torch.arange(batch, device=seg.device)[:, None, None]
+            allowed &= overlay(rows, None, pos[:, :, None], pos[:, None, :])
         # padding queries see themselves only: a fully masked row would give NaNs in SDPA
         allowed |= (q_seg == _PAD) & (idx[None, :, None] == idx[None, None, :])
         return allowed[:, None]
 
-    def _block_mask(self) -> Any:
+    def _block_mask(self, pattern: AttentionPattern = AttentionPattern()) -> Any:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        seg = self.segments
+        seg, pos = self.segments, self.position_ids
+        batch, length = seg.shape
+        overlay = pattern.overlay(batch, seg.device)
 
         def mask_mod(b, h, q_idx, kv_idx):
             q_seg, k_seg = seg[b, q_idx], seg[b, kv_idx]
             same = (k_seg == _BODY) | (k_seg == q_seg)
-            return (q_idx >= kv_idx) & (k_seg != _PAD) & (q_seg != _PAD) & same | (q_idx == kv_idx)
+            visible = (q_idx >= kv_idx) & (k_seg != _PAD) & (q_seg != _PAD) & same
+            if overlay is not None:
+                visible = visible & overlay(b, h, pos[b, q_idx], pos[b, kv_idx])
+            return visible | (q_idx == kv_idx)
 
-        batch, length = seg.shape
         return create_block_mask(mask_mod, batch, None, length, length, device=seg.device)
 
 
@@ -198,21 +349,29 @@ def unsupported_reason(model: Any, inputs: dict[str, Any], trainer: Any) -> str 
     if attn not in SUPPORTED_ATTENTION:
         return f"attention implementation {attn!r} takes no custom mask (use one of {', '.join(SUPPORTED_ATTENTION)})"
     if getattr(trainer, "aux_loss_enabled", False):
-        return "the MoE load-balancing loss needs a 2-D attention mask"
+        coef = getattr(trainer, "router_aux_loss_coef", None)
+        return (
+            f"the MoE router load-balancing loss (router_aux_loss_coef={coef}) counts every token of TRL's two rows "
+            "(set router_aux_loss_coef=0.0 to train without it, prompt-once)"
+        )
     extra = set(inputs) - {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
     if extra:
         return f"the batch has extra model inputs {sorted(extra)} (vision or custom inputs)"
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict) and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         return "prompt-learning PEFT adds virtual tokens"
-    return None
+    layout, reason = attention_layout(model)
+    if layout is None:
+        return reason
+    return _rope_reason(text_config(model), inputs)
 
 
 @contextlib.contextmanager
 def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dtype: torch.dtype) -> Iterator[None]:
     """While active, fused-head forwards of `modules` with the two-row batch run packed, and answer in two rows.
 
-    Calls without `fused_lm_head=True` (e.g. generation) pass through untouched.
+    Calls without `fused_lm_head=True` (e.g. generation), and models without a known attention layout, pass through
+    untouched.
     """
     active: list[bool] = []
 
@@ -220,15 +379,18 @@ def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dty
         if args or not kwargs.get("fused_lm_head") or kwargs.get("labels") is None:
             active.append(False)
             return args, kwargs
-        if kwargs["input_ids"].shape[0] != 2 * packed.input_ids.shape[0]:
+        layout, _ = attention_layout(module)
+        if layout is None or kwargs["input_ids"].shape[0] != 2 * packed.input_ids.shape[0]:
             active.append(False)
             return args, kwargs
-        attn = attention_implementation(module)
         kwargs = dict(kwargs)
         kwargs["labels"] = packed.pack_labels(kwargs["labels"])
         kwargs["input_ids"] = packed.input_ids
         kwargs["position_ids"] = packed.position_ids
-        kwargs["attention_mask"] = packed.mask_for(attn, dtype)
+        kwargs["attention_mask"] = packed.masks_for(layout, attention_implementation(module), dtype)
+        if getattr(text_config(module), "output_router_logits", False) and "output_router_logits" not in kwargs:
+            # a config asking for router logits would compute the (unused) load-balancing loss from a 2-D mask
+            kwargs["output_router_logits"] = False
         active.append(True)
         return args, kwargs
 
