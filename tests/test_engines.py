@@ -10,7 +10,7 @@ the resumed step made no judge call and ended at the same parameters; and every 
 trains (same samples, same pairs, same updates, to float rounding). QLoRA: one step, against DDP.
 
 DeepSpeed is an optional dependency: without it (`import deepspeed` fails) its tests are skipped with the reason.
-`scripts/gpu_engine_check.sh` runs the GPU configs on GPUs (`test_engines_on_gpus`, marked `gpu`).
+`benchmarks/gpu_engine_check.sh` runs the GPU configs on GPUs (`test_engines_on_gpus`, marked `gpu`).
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def test_ranks_with_different_lengths_and_pairs_stay_in_step(engine: str, tmp_pa
     assert early["before"] == late["before"] != early["after"] == late["after"]
 
 
-# ----- GPUs: the shipped configs (scripts/gpu_engine_check.sh runs the same check) -----
+# ----- GPUs: the shipped configs (benchmarks/gpu_engine_check.sh runs the same check) -----
 
 
 def first_error(output: str) -> str:

