@@ -54,6 +54,16 @@ def _check_judgements(judgements, reward):
     stats = reward.stats()
     assert stats["judge_calls"] > 0
     assert isinstance(stats["parse_failures"], int) and stats["parse_failures"] >= 0
+    # The judge scored something: at least one dimension came back ok, out of those that apply.
+    statuses = [status for judgement in judgements for status in judgement.status.values()]
+    applicable = [status for status in statuses if status != "not_applicable"]
+    scored_rate = sum(status == "ok" for status in applicable) / len(applicable)
+    assert "ok" in statuses and scored_rate > 0, [j.status for j in judgements]
+    # ...and some of its answers parsed: calls sent minus those whose answer had no valid verdict or that failed
+    # (and minus verdict follow-ups, themselves extra calls for an answer that did not parse).
+    parsed = stats["judge_calls"] - stats["parse_failures"] - stats["judge_errors"] - stats["verdict_followups"]
+    assert 0 < parsed <= stats["judge_calls"], stats
+    print(f"scored {scored_rate:.0%} of applicable dimensions; {parsed} of {stats['judge_calls']} answers parsed")
 
 
 def test_inprocess_smollm2_judge_scores_end_to_end_and_reuses_the_cache(judge, tmp_path):

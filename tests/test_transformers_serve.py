@@ -94,6 +94,8 @@ BUDGETS: dict[str, Any] = {
     "extract_max_tokens": 64,
     "max_statements": 2,
     "max_missing_dimensions": 3,
+    # SmolLM2 behind `transformers serve` rarely writes the paper's [[N]]: read the forms it writes instead
+    "verdict_parsing": "lenient",
 }
 STATUSES = {"ok", "failed", "not_applicable"}
 _POST_CHAT = re.compile(r'"POST /v1/chat/completions HTTP/1\.1" (\d{3})')
@@ -214,6 +216,16 @@ def test_scores_long_context_answers_end_to_end(first_run: FirstRun) -> None:
     assert stats["judge_calls"] > 0
     assert isinstance(stats["parse_failures"], int) and stats["parse_failures"] >= 0
     assert stats["judge_errors"] == 0, stats
+    # The judge scored something: at least one dimension came back ok, out of those that apply.
+    statuses = [status for judgement in first_run.judgements for status in judgement.status.values()]
+    applicable = [status for status in statuses if status != "not_applicable"]
+    scored_rate = sum(status == "ok" for status in applicable) / len(applicable)
+    assert "ok" in statuses and scored_rate > 0, [j.status for j in first_run.judgements]
+    # ...and some of its answers parsed: calls sent minus those whose answer had no valid verdict (and minus verdict
+    # follow-ups, themselves extra calls for an answer that did not parse).
+    parsed = stats["judge_calls"] - stats["parse_failures"] - stats["verdict_followups"]
+    assert 0 < parsed <= stats["judge_calls"], stats
+    print(f"scored {scored_rate:.0%} of applicable dimensions; {parsed} of {stats['judge_calls']} answers parsed")
     # The completeness notes are extracted once per prompt and shared by both answers.
     num_chunks = first_run.judgements[0].trace["completeness"]["num_chunks"]
     assert num_chunks >= 2

@@ -107,23 +107,36 @@ def resume_jsonl(output: Path) -> set[int]:
     """Indices of an `index`-keyed output already judged for good (`load_jsonl`). A line recording a judge error
     (`judge_errors`: dimensions whose judge call failed, e.g. the server went down mid-run) is judged again: its judge
     calls that were answered come from the cache, so only the failed ones are paid for again. An unparseable verdict
-    is an answer, not an error: it stays (a rerun would read the same cached text)."""
+    is an answer, not an error: it stays (a rerun would read the same cached text). So does a line whose only errors
+    are permanent (`permanent_judge_errors`: the judge refused the call, e.g. a prompt over its context window): the
+    refusal is cached, and judging it again would only read it back."""
     records = load_jsonl(output, keep=lambda record: _has_index(record) and not record.get("judge_errors"))
     return {int(record["index"]) for record in records}
 
 
 def judge_error_dimensions(trace: dict[str, Any]) -> list[str]:
-    """The dimensions of a judgement trace whose judge call failed (not: answered without a parseable verdict)."""
+    """The dimensions of a judgement trace whose judge call failed and may succeed on a rerun (not: answered without
+    a parseable verdict; not: refused for good, see `permanent_error_dimensions`). A rerun judges them again."""
     return [name for name, part in trace.items() if _first_judge_error(part) is not None]
 
 
-def _first_judge_error(value: Any) -> str | None:
-    """The first `judge_error: ...` text in a (nested) judgement trace."""
+def permanent_error_dimensions(trace: dict[str, Any]) -> list[str]:
+    """The dimensions of a judgement trace with a judge call the judge refused for good (HTTP 400: e.g. a prompt
+    over its context window). The refusal is cached; a rerun does not judge them again."""
+    return [name for name, part in trace.items() if _first_judge_error(part, _PERMANENT) is not None]
+
+
+_TRANSIENT = "judge_error: "
+_PERMANENT = "permanent_judge_error: "
+
+
+def _first_judge_error(value: Any, prefix: str = _TRANSIENT) -> str | None:
+    """The first `judge_error: ...` (or other `prefix`) text in a (nested) judgement trace."""
     if isinstance(value, str):
-        return value.removeprefix("judge_error: ") if value.startswith("judge_error: ") else None
+        return value.removeprefix(prefix) if value.startswith(prefix) else None
     items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
     for item in items:
-        found = _first_judge_error(item)
+        found = _first_judge_error(item, prefix)
         if found is not None:
             return found
     return None
@@ -134,9 +147,11 @@ def check_judge_answered(
 ) -> None:
     """Refuse to record a batch of which the judge answered no call at all (server down, wrong URL, not an
     OpenAI-compatible API): its rows would be written as unscored, and a rerun would skip them. `before` / `after`
-    are the reward's `call_counts()` around the batch; raises `RuntimeError` with the judge's first error."""
+    are the reward's `call_counts()` around the batch; raises `RuntimeError` with the judge's first error. A call the
+    judge refused (a permanent error) was answered: the judge works, the request was bad."""
     sent = after["judge_calls"] - before["judge_calls"]
     failed = after["judge_errors"] - before["judge_errors"]
+    failed -= after.get("permanent_judge_errors", 0) - before.get("permanent_judge_errors", 0)
     if sent == 0 or failed < sent:
         return
     error = _first_judge_error([j.trace for j in judgements]) or "(no error text)"

@@ -32,6 +32,16 @@ COMMANDS = ("score", "build-pairs", "evaluate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..judges.base import JudgeFatalError
+
+    try:
+        return _main(argv)
+    except JudgeFatalError as err:  # a rejected key, replicas of different models: say what to fix, no traceback
+        print(f"trl-longreward: the judge cannot be used: {err}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from transformers import HfArgumentParser
 
     from ..reward import LongRewardConfig

@@ -37,7 +37,14 @@ from ..documents import check_prompt_columns, prompt_groups, row_document
 from ..generation import sample_responses
 from ..models import load_causal_lm
 from ..pairs import SKIP_REASONS, check_sampling_options, select_best_worst
-from ..records import check_judge_answered, judge_error_dimensions, load_rows, read_jsonl, resume_jsonl
+from ..records import (
+    check_judge_answered,
+    judge_error_dimensions,
+    load_rows,
+    permanent_error_dimensions,
+    read_jsonl,
+    resume_jsonl,
+)
 from ..reward import LongRewardConfig, LongRewardFunction
 
 SAMPLES_FILE = "samples.jsonl"
@@ -285,6 +292,8 @@ def _judge_group(
                 "selection": asdict(selection),
                 # dimensions whose judge call failed for some sample: the prompt is judged again on resume
                 "judge_errors": sorted({d for j in scored for d in judge_error_dimensions(j.trace)}),
+                # dimensions the judge refused for good for some sample: kept on resume (the refusal is cached)
+                "permanent_judge_errors": sorted({d for j in scored for d in permanent_error_dimensions(j.trace)}),
             }
         )
     return records, judgements

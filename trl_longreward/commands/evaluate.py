@@ -20,7 +20,8 @@ Written to `--output_dir`:
 
 Resumable: answers already in `answers.jsonl` are not generated again and answers already in `judged.jsonl` are not
 judged again, so a finished evaluation reruns without loading a model or calling the judge; a judged line that is lost,
-or one with a failed judge call (`judge_errors`), is judged again, its answered calls from the cache. A judge that
+or one with a failed judge call (`judge_errors`), is judged again, its answered calls from the cache (a call the
+judge refused for good, `permanent_judge_errors`, is not: the refusal is cached). A judge that
 answers no call of a batch stops the run before anything is written for it. Resuming with other generation settings or
 another input is refused.
 """
@@ -39,7 +40,7 @@ from ..documents import check_prompt_columns, prompt_groups, row_document
 from ..generation import generate_answers
 from ..models import load_causal_lm
 from ..pairs import check_length_options
-from ..records import check_judge_answered, judge_error_dimensions, load_jsonl, load_rows
+from ..records import check_judge_answered, judge_error_dimensions, load_jsonl, load_rows, permanent_error_dimensions
 from ..reward import LongRewardConfig, LongRewardFunction
 from ..reward.reference import ReferenceRater
 from ..summaries import REFERENCE_SCORE, flat_scores, mean_scores, win_rate
@@ -356,6 +357,7 @@ def _judge(
                         data = judgement.to_dict()
                         record.update({k: data[k] for k in ("reward", "scores", "status", "trace")})
                         record["judge_errors"] = judge_error_dimensions(judgement.trace)
+                        record["permanent_judge_errors"] = permanent_error_dimensions(judgement.trace)
                 if rater is not None and references is not None:
                     refs = [references[i] for _, i in batch]
                     for record, ref, rating in zip(records, refs, rater.rate(questions, refs, texts), strict=True):

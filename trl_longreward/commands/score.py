@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ..documents import message_text
-from ..records import check_judge_answered, judge_error_dimensions, load_rows, read_jsonl, resume_jsonl
+from ..records import (
+    check_judge_answered,
+    judge_error_dimensions,
+    load_rows,
+    permanent_error_dimensions,
+    read_jsonl,
+    resume_jsonl,
+)
 from ..reward import LongRewardConfig, LongRewardFunction
 from ..reward.inputs import resolve_samples
 
@@ -116,6 +123,8 @@ def run_score(args: ScoreArguments, config: LongRewardConfig) -> dict[str, Any]:
                 for index, judgement in zip(indices, judgements, strict=True):
                     record = {"index": index, **judgement.to_dict()}
                     record["judge_errors"] = judge_error_dimensions(judgement.trace)  # judged again on resume
+                    # refused by the judge for good (e.g. over its context window): kept, the refusal is cached
+                    record["permanent_judge_errors"] = permanent_error_dimensions(judgement.trace)
                     if not args.traces:
                         record.pop("trace")
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -138,6 +147,15 @@ def summarize(output: Path, dimensions: Sequence[str]) -> dict[str, Any]:
         print(
             f"{failed} rows have dimensions whose judge call failed (see judge_errors in {output}); rerun the same "
             "command to judge them again: the calls that were answered come from the cache.",
+            file=sys.stderr,
+        )
+    refused = sum(1 for r in records if r.get("permanent_judge_errors"))
+    if refused:
+        summary["rows_with_permanent_judge_errors"] = refused
+        print(
+            f"{refused} rows have dimensions the judge refused to judge (see permanent_judge_errors in {output}, e.g. "
+            "a prompt over its context window); a rerun does not send those calls again: shorten the input or use a "
+            "judge with a larger window (its judge_fingerprint or its reported context window keys the refusals).",
             file=sys.stderr,
         )
     for name in [*dimensions, "reward"]:

@@ -11,8 +11,11 @@ import hashlib
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 Message = dict[str, str]
 
@@ -48,27 +51,91 @@ class ChatRequest:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def identity_digest(value: Any) -> str:
+    """A short, stable hash of a JSON-able value (sorted keys; other objects by `str`), for cache identities."""
+    payload = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
 class JudgeError(RuntimeError):
-    """A judge call failed for good (after the backend's own transport retries)."""
+    """A judge call failed for good (after the backend's own transport retries). A later run may succeed (the server
+    was down, overloaded, timed out), so the failure is not cached: a rerun sends the call again."""
+
+
+class PermanentJudgeError(JudgeError):
+    """The judge refused this request itself (HTTP 400, 413 or 422: the prompt is over the context window, a
+    parameter is invalid): sending it again gets the same refusal, so it is not retried, and the judge-call cache
+    stores it as a failure so that a rerun does not send it again. The message is the server's."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class JudgeFatalError(BaseException):
+    """Every judge call would fail the same way (the API key is rejected, the replicas serve different models): the
+    run stops at once instead of recording every call as failed.
+
+    A `BaseException`, like `KeyboardInterrupt`, so that no `except Exception` that turns one failed dimension into a
+    missing score swallows it."""
+
+
+class JudgeAuthError(JudgeFatalError):
+    """The judge answered 401 or 403: the API key (read from `judge_api_key_env`) is missing or not accepted."""
+
+
+class JudgeConfigError(JudgeFatalError):
+    """The judge is misconfigured, e.g. `judge_base_url` lists replicas that serve different models."""
+
+
+# The judge call running in this context counts its HTTP requests here (see `request_meter`).
+_REQUEST_METER: ContextVar[list[int] | None] = ContextVar("trl_longreward_judge_requests", default=None)
+
+
+@contextmanager
+def request_meter() -> Iterator[list[int]]:
+    """Count the HTTP requests a backend sends (`record_requests`) for the judge calls awaited in this block, e.g.
+    `with request_meter() as sent: await judge.acomplete(request)`, then `sent[0]`. Tasks started inside share it."""
+    meter = [0]
+    token = _REQUEST_METER.set(meter)
+    try:
+        yield meter
+    finally:
+        _REQUEST_METER.reset(token)
+
+
+def record_requests(count: int) -> None:
+    """Add `count` HTTP requests (attempts, retries included) to the meter of the running judge call, if any."""
+    meter = _REQUEST_METER.get()
+    if meter is not None:
+        meter[0] += count
 
 
 @dataclass
 class JudgeStats:
-    """Counters a backend keeps; read them to see what a run cost."""
+    """Counters a backend keeps; read them to see what a run cost: `requests` are calls (one per request answered or
+    failed), `http_requests` what an HTTP backend sent for them (every attempt)."""
 
     requests: int = 0
     failures: int = 0
     completion_tokens: int = 0
+    http_requests: int = 0  # HTTP backends: every request sent, transport retries included
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, *, requests: int = 0, failures: int = 0, completion_tokens: int = 0) -> None:
+    def add(self, *, requests: int = 0, failures: int = 0, completion_tokens: int = 0, http_requests: int = 0) -> None:
         with self.lock:
             self.requests += requests
             self.failures += failures
             self.completion_tokens += completion_tokens
+            self.http_requests += http_requests
 
     def as_dict(self) -> dict[str, int]:
-        return {"requests": self.requests, "failures": self.failures, "completion_tokens": self.completion_tokens}
+        return {
+            "requests": self.requests,
+            "failures": self.failures,
+            "completion_tokens": self.completion_tokens,
+            "http_requests": self.http_requests,
+        }
 
     def __getstate__(self) -> dict:
         return self.as_dict()  # a lock does not pickle; the copy gets its own
@@ -80,15 +147,38 @@ class JudgeStats:
 class Judge(ABC):
     """Base class of judge backends.
 
-    Subclasses implement `agenerate` (a batch of requests -> one text each, raising `JudgeError` for a request that
-    failed for good) and set `model_id`, which names the judge in cache keys and reports. All coroutines of one judge
-    run on one event loop (the owning `LongRewardFunction` keeps a private loop thread for that).
+    Subclasses implement `agenerate` (a batch of requests -> one text each, a `JudgeError` in the slot of a request
+    that failed for good, a `PermanentJudgeError` for one the judge refused; a `JudgeFatalError` is raised) and set
+    `model_id`, which names the judge in reports and, with `cache_identity()`, in cache keys. All coroutines of one
+    judge run on one event loop (the owning `LongRewardFunction` keeps a private loop thread for that).
     """
 
     model_id: str = "judge"
+    # A user-given name of the judge's model state (`LongRewardConfig.judge_fingerprint`), part of every cache key.
+    fingerprint: str | None = None
+    # Whether the backend reports its HTTP requests with `record_requests` (else each call counts as one request).
+    counts_requests: bool = False
 
     def __init__(self) -> None:
         self.stats = JudgeStats()
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Everything about this judge that can change its answer to a request, as a JSON-able dict: the judge-call
+        cache key is built from it (with the request, the prompt template and the attempt), so a cached answer is
+        reused only by the same judge. Default: the backend class, `model_id` and `fingerprint`; backends add their
+        model state and settings. Settings that cannot change an answer (URLs, keys, limits, timeouts) stay out.
+
+        An optional `"context_limits"` entry (e.g. the server's context window) keys only stored permanent failures:
+        a larger window sends a refused prompt again, and answers stay valid."""
+        identity: dict[str, Any] = {"backend": type(self).__name__, "model": self.model_id}
+        if self.fingerprint is not None:
+            identity["fingerprint"] = self.fingerprint
+        return identity
+
+    async def acache_identity(self) -> dict[str, Any] | None:
+        """`cache_identity()`, for backends that must ask a server first. None while it cannot be known (the server
+        is unreachable): the call is then sent without a cache lookup."""
+        return self.cache_identity()
 
     @property
     def context_window(self) -> int | None:

@@ -3,6 +3,9 @@
 The reward pipeline awaits `acomplete` from many tasks at once, one request each. A local model is fastest when it
 sees those requests together, so `BatchingJudge` queues them and a single worker task hands batches to the
 subclass's synchronous `_generate_batch`, run in a worker thread so that the event loop stays responsive.
+
+The queue and the worker live on the judge's own loop thread (`loops.JudgeLoop`): rewards running their own event
+loops, and `generate()` from any thread, all feed the same queue, so one model still sees one batch at a time.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from __future__ import annotations
 import asyncio
 from abc import abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from trl_longreward.judges.base import ChatRequest, Judge, JudgeError
+from trl_longreward.judges.loops import JudgeLoop
 
 __all__ = ["BatchingJudge"]
 
@@ -43,19 +49,31 @@ class BatchingJudge(Judge):
     Args:
         max_batch_size: the most requests handed to one `_generate_batch` call.
         batch_wait_s: how long the worker waits for more requests after the first one of a batch arrives.
+        stall_timeout_s: if set, a request fails with a `JudgeError` once it has waited this many seconds while no
+            request of this judge was answered (a model call that never returns); None waits as long as batches
+            keep running (a batch on a CPU can take minutes).
     """
 
-    def __init__(self, *, max_batch_size: int = 8, batch_wait_s: float = 0.01) -> None:
+    def __init__(
+        self, *, max_batch_size: int = 8, batch_wait_s: float = 0.01, stall_timeout_s: float | None = None
+    ) -> None:
         super().__init__()
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if batch_wait_s < 0:
             raise ValueError(f"batch_wait_s must be >= 0, got {batch_wait_s}")
+        if stall_timeout_s is not None and not stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0 seconds or None, got {stall_timeout_s}")
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.stall_timeout_s = stall_timeout_s
         self._queue: asyncio.Queue[_Pending | _Stop] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._home = JudgeLoop(name=f"{type(self).__name__}-loop")
+        # One thread for `_generate_batch`, owned by the judge: even a batch left running by a stopped loop never
+        # overlaps the next one.
+        self._executor: ThreadPoolExecutor | None = None
 
     @abstractmethod
     def _generate_batch(self, requests: list[ChatRequest]) -> BatchResult:
@@ -67,18 +85,36 @@ class BatchingJudge(Judge):
         return request.sampling_key()
 
     async def agenerate(self, requests: Sequence[ChatRequest]) -> list[str | JudgeError]:
-        """Queue every request for the batching worker and wait for all of them."""
-        if not requests:
-            return []
-        queue = self._ensure_worker()
-        loop = asyncio.get_running_loop()
-        pending = [_Pending(request, loop.create_future()) for request in requests]
-        for item in pending:
-            queue.put_nowait(item)
-        return list(await asyncio.gather(*(item.future for item in pending)))
+        """Queue every request for the batching worker (on the judge's own loop) and wait for all of them."""
+        return list(await asyncio.gather(*(self._on_home_loop(request) for request in requests)))
+
+    async def _on_home_loop(self, request: ChatRequest) -> str | JudgeError:
+        try:
+            return await self._home.call(
+                self._answer_one(request), stall_timeout=self.stall_timeout_s, what=f"{type(self).__name__} call"
+            )
+        except JudgeError as err:  # stuck or closed: the request is cancelled on the judge's loop
+            self.stats.add(requests=1, failures=1)
+            return err
+
+    async def _answer_one(self, request: ChatRequest) -> str | JudgeError:
+        item = _Pending(request, asyncio.get_running_loop().create_future())
+        self._ensure_worker().put_nowait(item)
+        return await item.future
 
     async def aclose(self) -> None:
-        """Answer what is already queued, then stop the worker. A later call starts a new one."""
+        """Answer what is already queued, then stop the worker and the judge's loop. A later call starts anew."""
+        try:
+            if self._home.loop is not None:
+                await self._home.call(self._aclose_on_loop(), stall_timeout=None, what="Closing the judge")
+        finally:
+            self._home.stop()
+            self._worker = self._queue = self._loop = None
+            executor, self._executor = self._executor, None
+            if executor is not None:
+                executor.shutdown(wait=False)
+
+    async def _aclose_on_loop(self) -> None:
         worker, queue = self._worker, self._queue
         self._worker = self._queue = self._loop = None
         if worker is None or queue is None or worker.done():
@@ -90,12 +126,14 @@ class BatchingJudge(Judge):
         await worker
 
     def _ensure_worker(self) -> asyncio.Queue[_Pending | _Stop]:
-        """Start the worker on the running loop, again if the previous loop ended (e.g. after `generate()`)."""
+        """Start the worker on the running loop (the judge's own), again if that loop was restarted."""
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done() or self._loop is not loop or self._queue is None:
             self._loop = loop
             self._queue = asyncio.Queue()
             self._worker = loop.create_task(self._run(self._queue), name=f"{type(self).__name__}-batcher")
+            if loop is self._home.loop:
+                self._home.hold(self._worker)
         return self._queue
 
     async def _run(self, queue: asyncio.Queue[_Pending | _Stop]) -> None:
@@ -151,8 +189,10 @@ class BatchingJudge(Judge):
 
     async def _run_group(self, requests: list[ChatRequest]) -> BatchResult:
         """Run `_generate_batch` in a thread; turn an exception or a malformed answer into per-request errors."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{type(self).__name__}-batch")
         try:
-            results = await asyncio.to_thread(self._generate_batch, requests)
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._generate_batch, requests)
         except Exception as exc:  # any backend failure fails this batch only, never the caller or the worker
             return [self._batch_error(len(requests), exc) for _ in requests]
         if not isinstance(results, list) or len(results) != len(requests):
@@ -181,3 +221,9 @@ class BatchingJudge(Judge):
                 return
             if isinstance(item, _Pending):
                 cls._fail_all([item], "the judge's batching worker was stopped")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Loop-bound state and the batch thread stay behind; a copy starts its own on its first call.
+        state = self.__dict__.copy()
+        state.update(_queue=None, _worker=None, _loop=None, _executor=None)
+        return state

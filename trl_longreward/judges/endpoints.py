@@ -140,7 +140,9 @@ _WAIT = object()
 class EndpointPool:
     """Least-loaded, health-aware dispatch of judge calls over endpoints (see the module docstring).
 
-    All methods run on one event loop (the judge's); state changes need no lock. `clock` is injectable for tests.
+    All methods run on one event loop (the judge's own, see `loops.JudgeLoop`); state changes need no lock, and a
+    call from a second loop while the first one still has calls in flight or waiting raises `RuntimeError` (its
+    waiters could never be woken). `clock` is injectable for tests.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class EndpointPool:
         self.clock = clock
         self._waiters: deque[_Waiter] = deque()
         self._dispatches = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ----- choosing -----
 
@@ -190,6 +193,7 @@ class EndpointPool:
     async def acquire(self, tried: frozenset[int] = frozenset()) -> Dispatch | None:
         """A slot on the best endpoint this call has not tried, waiting for room if need be; None when the call
         should give up (it tried every endpoint, or every endpoint it has not tried is out of rotation)."""
+        self._bind(asyncio.get_running_loop())
         now = self.clock()
         if not self._waiters:  # first come first served: never overtake a waiting call
             choice = self._choose(tried, now)
@@ -229,11 +233,23 @@ class EndpointPool:
         forced = not any(e.in_rotation for e in self.endpoints)
         return any(e.in_flight < e.capacity(now, forced=forced) for e in self.endpoints)
 
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is self._loop:
+            return
+        busy = self._waiters or any(e.in_flight for e in self.endpoints)
+        if self._loop is not None and busy and not self._loop.is_closed():
+            raise RuntimeError(
+                "EndpointPool is bound to one event loop and still has calls of another loop in flight; run every "
+                "call of one judge on one loop (OpenAIJudge does this on its own loop thread)."
+            )
+        self._loop = loop
+
     def rebind(self) -> None:
         """Forget calls and waiters of an event loop that is gone (health and counters stay)."""
         self._waiters.clear()
         for endpoint in self.endpoints:
             endpoint.in_flight = 0
+        self._loop = None
 
     # ----- reporting back -----
 

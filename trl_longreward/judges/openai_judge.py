@@ -7,13 +7,26 @@ replica in rotation, and a replica that fails is taken out for a cool-down (see 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .base import ChatRequest, Judge, JudgeError
+from .base import (
+    ChatRequest,
+    Judge,
+    JudgeAuthError,
+    JudgeConfigError,
+    JudgeError,
+    JudgeFatalError,
+    PermanentJudgeError,
+    record_requests,
+)
+from .cache import CONTEXT_LIMITS
 from .endpoints import Dispatch, EndpointPool, parse_base_urls, redact_url
+from .loops import JudgeLoop
 
 
 @dataclass
@@ -25,6 +38,8 @@ class _Attempt:
     error: str | None = None
     healthy: bool | None = None  # True: answered; False: failed for good (take it out); None: says nothing
     failover: bool = False
+    permanent: int | None = None  # the HTTP status when the judge refused the request itself (400, 413, 422)
+    fatal: JudgeFatalError | None = None  # every call would fail the same way (401, 403): stop the run
 
 
 class OpenAIJudge(Judge):
@@ -35,13 +50,16 @@ class OpenAIJudge(Judge):
         base_url: one URL (`http://127.0.0.1:8000/v1`), several as a list, or a comma-separated string. Several URLs
             must be replicas of the same judge model: a call may be answered by any of them.
         api_key_env: environment variable holding the API key (the same key is sent to every endpoint).
-        max_concurrency: calls in flight at once *per endpoint* (per process); n endpoints take n x this many.
+        max_concurrency: calls in flight at once *per endpoint* (per process: every reward and thread sharing this
+            judge draws on the same limit); n endpoints take n x this many.
         timeout: seconds before one HTTP call times out.
         max_retries: transport retries of the client, per endpoint.
         extra_body: extra JSON fields of every request.
         endpoint_cooldown: seconds a failed endpoint stays out of rotation before it is probed again.
         context_window: the served model's context window in tokens, if known (None: unknown); used to size the
             completeness notes.
+        fingerprint: a name for the served model's state (`judge_fingerprint`); when set, it stands for the server's
+            own report of what it serves in cache keys (see below).
 
     Transport failures (429 honouring `Retry-After`, 5xx, timeouts, dropped connections) are retried by the client
     itself with exponential backoff; a 200 whose body is not JSON is retried here. Both draw on one budget of
@@ -52,13 +70,29 @@ class OpenAIJudge(Judge):
     retries, so a dead replica costs the probing call little), and the first success puts it back. When every
     endpoint is out of rotation a new call is still sent, with full retries, to the one due back first (with a single
     endpoint this is plain retry-then-fail). A call that fails for good becomes a `JudgeError`, which the reward
-    records as a missing dimension; a rejected key or a bad request fails at once, on any endpoint.
+    records as a missing dimension. A request the judge refuses (400, 413, 422: a prompt over the context window, a
+    bad parameter) fails at once as a `PermanentJudgeError` with the server's message (not retried, not failed over:
+    every replica would refuse it). A rejected key (401, 403) raises `JudgeAuthError`, which stops the run, naming
+    `api_key_env` (`judge_api_key_env`), never the key.
+
+    Cache identity (`acache_identity`): the model name, `extra_body` (sampling fields such as `seed`, `top_k`,
+    `chat_template_kwargs`; `user` only names the caller and is left out) and what the server says it serves: the
+    `root`, `parent` and `owned_by` of `model` in its `GET /v1/models`, fetched once per endpoint on the judge's loop
+    (a server that lists nothing there, or not this model, reports nothing). Replicas that report different models
+    are a configuration error (`JudgeConfigError`). URLs, the key, limits and timeouts are not part of it, so a moved
+    server or another replica of the same model reuses the cache. `fingerprint` replaces the server's report (no
+    request is made). The context window a server reports (`max_model_len`, the smallest over replicas) keys only
+    stored permanent failures. While no endpoint could be asked, calls go uncached.
+
+    `stats.http_requests` counts every request sent (attempts, transport retries included), as the server sees them.
 
     `endpoint_stats()` reports calls, failures and time out of rotation per endpoint.
 
     The API key is read from the environment variable `api_key_env` when the clients are built and is held only by
     the client objects: it is not an attribute of this judge, not part of `describe()` or the stats, not pickled.
     """
+
+    counts_requests = True  # `_attempt` reports every HTTP request it sends (`record_requests`)
 
     def __init__(
         self,
@@ -72,8 +106,11 @@ class OpenAIJudge(Judge):
         extra_body: dict | None = None,
         endpoint_cooldown: float = 30.0,
         context_window: int | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         super().__init__()
+        self.fingerprint = fingerprint
+        self._served = _ServedModels()
         if context_window is not None and context_window < 1:
             raise ValueError(f"context_window must be >= 1 tokens, or None when unknown; got {context_window}.")
         self._context_window = context_window
@@ -92,7 +129,8 @@ class OpenAIJudge(Judge):
         self.max_retries = max_retries
         self.extra_body = extra_body
         self.endpoint_cooldown = endpoint_cooldown
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the clients are bound to
+        self._home = JudgeLoop(name="openai-judge")  # every call runs on this judge's own loop thread
         self.base_url = base_url  # parsed and checked by the setter
 
     @property
@@ -132,11 +170,12 @@ class OpenAIJudge(Judge):
         return self._pool.endpoints[0].client
 
     def _ensure_pool(self) -> EndpointPool:
+        """The pool, with clients bound to the running loop: the judge's own (`_home`), where every call runs."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             import openai
 
-            # Clients are bound to the loop they were first used on; a new loop gets new ones.
+            # Clients are bound to the loop they were first used on; a new home loop (after `aclose`) gets new ones.
             api_key = os.environ.get(self.api_key_env) or "EMPTY"  # local servers accept any key
             for endpoint in self._pool.endpoints:
                 endpoint.client = openai.AsyncOpenAI(
@@ -167,10 +206,16 @@ class OpenAIJudge(Judge):
                 pool.release(dispatch, healthy=attempt.healthy)
             if attempt.text is not None:
                 self.stats.add(requests=1, completion_tokens=attempt.completion_tokens)
+                self._served.retry_at.pop(dispatch.endpoint.url, None)  # it answers: it can say what it serves
                 return attempt.text
             errors.append(attempt.error or "unknown error")
+            if attempt.fatal is not None:
+                self.stats.add(requests=1, failures=1)
+                raise attempt.fatal
             if not attempt.failover:
                 self.stats.add(requests=1, failures=1)
+                if attempt.permanent is not None:
+                    return PermanentJudgeError(errors[-1], status=attempt.permanent)
                 return JudgeError(errors[-1])
 
     async def _attempt(self, dispatch: Dispatch, request: ChatRequest) -> _Attempt:
@@ -189,14 +234,19 @@ class OpenAIJudge(Judge):
                     if used == 0 and retries == self.max_retries
                     else client.with_options(max_retries=retries - used)
                 )
-                raw = await sender.chat.completions.with_raw_response.create(
-                    model=self.model_id,
-                    messages=list(request.messages),
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    max_tokens=request.max_tokens,
-                    extra_body=_extra_body(self.extra_body, request),
-                )
+                try:
+                    raw = await sender.chat.completions.with_raw_response.create(
+                        model=self.model_id,
+                        messages=list(request.messages),
+                        temperature=request.temperature,
+                        top_p=request.top_p,
+                        max_tokens=request.max_tokens,
+                        extra_body=_extra_body(self.extra_body, request),
+                    )
+                except openai.APIError as err:
+                    self._count_http(_requests_sent(err))
+                    raise
+                self._count_http(1 + raw.retries_taken)
                 used += raw.retries_taken
                 try:
                     completion = raw.parse()
@@ -210,8 +260,11 @@ class OpenAIJudge(Judge):
                     return _Attempt(
                         error=f"Judge at {url} kept answering malformed bodies: {err!r}", healthy=False, failover=True
                     )
-        except openai.AuthenticationError as err:
-            return _Attempt(error=f"Judge at {url} rejected the API key from ${self.api_key_env}: {err}")
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            fatal = self._auth_error(url, err)
+            return _Attempt(error=str(fatal), fatal=fatal)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
+            return self._refused(url, err)
         except openai.NotFoundError as err:
             # A wrong base URL (a web server that is not the API, or a path without /v1) or a model it does not serve.
             return _Attempt(
@@ -229,6 +282,10 @@ class OpenAIJudge(Judge):
         except openai.RateLimitError as err:
             # Busy, not broken: another replica may have room, but this one stays in rotation.
             return _Attempt(error=f"Judge call to {url} failed after {retries} retries: {err!r}", failover=True)
+        except openai.APIStatusError as err:
+            if err.status_code == 413:  # the request body is too large for the server
+                return self._refused(url, err)
+            return _Attempt(error=f"Judge call to {url} failed after {retries} retries: {err!r}")
         except Exception as err:  # a judge failure never crashes the caller: it becomes a missing score
             return _Attempt(error=f"Judge call to {url} failed after {retries} retries: {err!r}")
         choices = getattr(completion, "choices", None)
@@ -241,14 +298,165 @@ class OpenAIJudge(Judge):
         tokens = getattr(usage, "completion_tokens", 0) or 0
         return _Attempt(text=content, completion_tokens=tokens, healthy=True)
 
+    def _count_http(self, count: int) -> None:
+        self.stats.add(http_requests=count)
+        record_requests(count)
+
+    def _refused(self, url: str, err: Any) -> _Attempt:
+        """The judge refused the request itself: a permanent failure, with the server's own message."""
+        status = getattr(err, "status_code", None)
+        reason = {400: "Bad Request", 413: "Payload Too Large", 422: "Unprocessable Entity"}.get(status, "")
+        message = f"Judge at {url} refused the request ({status} {reason}): {_server_message(err)}"
+        return _Attempt(error=message, permanent=status or 400)
+
+    def _auth_error(self, url: str, err: Any) -> JudgeAuthError:
+        """A clear error for a rejected key: the variable it came from, never the key (removed from the server's
+        message as well)."""
+        status = getattr(err, "status_code", None)
+        name = self.api_key_env
+        key = os.environ.get(name)
+        said = _server_message(err)
+        if key:
+            said = said.replace(key, "***")
+            problem = f"it rejected the API key read from the environment variable {name} (judge_api_key_env)"
+        else:
+            problem = f"no API key was sent: the environment variable {name} (judge_api_key_env) is not set"
+        reason = {401: "401 Unauthorized", 403: "403 Forbidden"}.get(status, str(status))
+        return JudgeAuthError(
+            f"Judge at {url} answered {reason} ({said}): {problem}. Set {name} to a key this server accepts, or set "
+            "judge_api_key_env to the name of the variable that holds one. The run stopped; every judge result so "
+            "far is kept in the judge-call cache."
+        )
+
+    # ----- cache identity -----
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What identifies this judge's answers without asking the server (see the class docstring): the model,
+        the answer-changing `extra_body` fields and the fingerprint."""
+        identity = {**super().cache_identity(), "backend": "openai-compatible"}
+        identity["extra_body"] = {k: v for k, v in (self.extra_body or {}).items() if k not in _NOT_SAMPLING}
+        return identity
+
+    async def acache_identity(self) -> dict[str, Any] | None:
+        """`cache_identity()` plus what the servers report they serve (fetched once per endpoint, on the judge's
+        loop); None while no endpoint could be asked."""
+        identity = self.cache_identity()
+        if self.fingerprint is not None:
+            return identity
+        home = getattr(self, "_home", None)
+        if home is None:
+            reports = await self._served_reports()
+        else:
+            reports = await home.call(self._served_reports(), stall_timeout=None, what="Asking the judge's models")
+        if not reports:
+            return None
+        served = {url: report for url, report in reports.items() if report is not None}
+        distinct = {json.dumps(report["served"], sort_keys=True) for report in served.values()}
+        if len(distinct) > 1:
+            listing = "; ".join(
+                f"{redact_url(url)} serves {report['served']}" for url, report in sorted(served.items())
+            )
+            raise JudgeConfigError(
+                f"judge_base_url lists replicas that report different models for {self.model_id!r}: {listing}. A call "
+                "may go to any replica, so they must serve the same checkpoint: fix judge_base_url, or, if they do "
+                "serve the same model (e.g. from different paths), set judge_fingerprint to name it."
+            )
+        identity["server"] = next(iter(served.values()))["served"] if served else None
+        windows = [report["max_model_len"] for report in served.values() if report.get("max_model_len")]
+        if windows:
+            identity[CONTEXT_LIMITS] = {"max_model_len": min(windows)}
+        return identity
+
+    async def _served_reports(self) -> dict[str, dict[str, Any] | None]:
+        """Each endpoint's report (None: it reports nothing), for the endpoints that could be asked so far."""
+        pool = self._ensure_pool()
+        served = self._served
+        loop = asyncio.get_running_loop()
+        if served.loop is not loop:
+            served.loop, served.tasks = loop, {}
+        if served.error is not None:
+            raise type(served.error)(str(served.error))
+        now = time.monotonic()
+        for endpoint in pool.endpoints:
+            url = endpoint.url
+            if url in served.known or url in served.tasks or now < served.retry_at.get(url, 0.0):
+                continue
+            task = loop.create_task(self._ask_served(endpoint.client, url))
+            task.add_done_callback(_retrieved)
+            served.tasks[url] = task
+        waiting = [served.tasks[e.url] for e in pool.endpoints if e.url in served.tasks]
+        if waiting:
+            await asyncio.wait(waiting)
+        for url, task in list(served.tasks.items()):
+            if not task.done():
+                continue
+            del served.tasks[url]
+            if task.cancelled():
+                continue
+            error = task.exception()
+            if error is None:
+                served.known[url] = task.result()
+            elif isinstance(error, JudgeFatalError):
+                served.error = error
+                raise type(error)(str(error))
+            else:  # unreachable for now: ask again on a later call
+                served.retry_at[url] = time.monotonic() + _ASK_AGAIN_S
+        return {e.url: served.known[e.url] for e in pool.endpoints if e.url in served.known}
+
+    async def _ask_served(self, client: Any, url: str) -> dict[str, Any] | None:
+        """What `url` says it serves as `model_id` (`GET /v1/models`); None when it says nothing about it.
+
+        Raises `JudgeAuthError` for a rejected key and `ConnectionError` when the endpoint cannot be reached."""
+        import openai
+
+        asker = client.with_options(max_retries=1, timeout=min(self.timeout, 30.0))
+        try:
+            page = await asker.models.list()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            raise self._auth_error(redact_url(url), err) from None
+        except (openai.APIConnectionError, openai.RateLimitError) as err:
+            raise ConnectionError(repr(err)) from None
+        except Exception:  # 404, a 5xx after the retry, an HTML page, another shape: this server reports nothing
+            return None  # (`transformers serve` answers /v1/models with 500: its calls must still be cached)
+        for model in getattr(page, "data", None) or []:
+            if getattr(model, "id", None) != self.model_id:
+                continue
+            extra = getattr(model, "model_extra", None) or {}
+            served = {"root": extra.get("root"), "parent": extra.get("parent"), "owned_by": model.owned_by}
+            window = extra.get("max_model_len")
+            return {"served": served, "max_model_len": window if isinstance(window, int) else None}
+        return None
+
     async def agenerate(self, requests: Sequence[ChatRequest]) -> list[str | JudgeError]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        """Answer every request on the judge's own loop, awaited from whichever loop calls this."""
+        return list(await asyncio.gather(*(self._on_home_loop(r) for r in requests)))
+
+    async def _on_home_loop(self, request: ChatRequest) -> str | JudgeError:
+        try:
+            return await self._home.call(
+                self._one(request), stall_timeout=self._stall_timeout(), what=f"Judge call to {self.model_id!r}"
+            )
+        except JudgeError as err:  # stuck or closed: the call is cancelled on the judge's loop
+            self.stats.add(requests=1, failures=1)
+            return err
+
+    def _stall_timeout(self) -> float:
+        """How long a call may wait while no call of this judge finishes: every endpoint tried once, each with
+        `1 + max_retries` requests of up to `timeout` seconds and up to 60 s of backoff (a `Retry-After`) before each."""
+        return len(self._pool.endpoints) * (1 + self.max_retries) * (self.timeout + 60.0) + 10.0
 
     def describe(self) -> dict[str, str]:
         urls = ",".join(redact_url(url) for url in self.base_urls)
         return {"backend": "openai-compatible", "model": self.model_id, "base_url": urls}
 
     async def aclose(self) -> None:
+        """Close the clients on the judge's loop and stop it (calls still in flight fail); a later call starts anew."""
+        try:
+            await self._home.call(self._aclose_on_loop(), stall_timeout=None, what="Closing the judge")
+        finally:
+            self._home.stop()
+
+    async def _aclose_on_loop(self) -> None:
         clients = [e.client for e in self._pool.endpoints if e.client is not None]
         retired, self._retired = self._retired, []
         for endpoint in self._pool.endpoints:
@@ -278,3 +486,53 @@ def _extra_body(extra: dict | None, request: ChatRequest) -> dict | None:
     if not request.continues_final_message:
         return extra
     return {**(extra or {}), "continue_final_message": True, "add_generation_prompt": False}
+
+
+# `extra_body` fields that name the caller and cannot change an answer: not part of the cache identity.
+_NOT_SAMPLING = frozenset({"user"})
+_ASK_AGAIN_S = 1.0  # an endpoint that could not be asked what it serves is asked again after this long
+
+
+@dataclass
+class _ServedModels:
+    """What each endpoint reported serving (by URL), and the asks under way on the judge's loop. A copy (a pickle)
+    asks again: another process may reach other servers behind the same URLs."""
+
+    known: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop | None = None
+    error: JudgeFatalError | None = None
+
+    def __getstate__(self) -> dict:
+        return {"fresh": True}  # not empty: pickle skips `__setstate__` for an empty state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """Mark a finished task's exception as retrieved: its callers may all have gone."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _requests_sent(err: Any) -> int:
+    """How many requests the client sent for a call that ended in `err`: the retry count of its last request + 1."""
+    request = getattr(err, "request", None)
+    try:
+        return int(request.headers.get("x-stainless-retry-count", "0")) + 1
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
+def _server_message(err: Any) -> str:
+    """The server's own error message (OpenAI's `{"error": {"message": ...}}`), else the error's text."""
+    body = getattr(err, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+        if isinstance(body.get("message"), str):
+            return body["message"]
+    return str(getattr(err, "message", None) or err)

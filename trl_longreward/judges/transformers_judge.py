@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -126,6 +127,21 @@ class TransformersJudge(BatchingJudge):
 
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "device": str(self.model.device), "dtype": str(self.model.dtype)}
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The model (path, revision, digests of its config, with any quantization, of its generation config, of its
+        weight files and of a sample of every weight tensor), dtype, device type, the sampling seed, and the
+        tokenizer's chat template and settings: what can change an answer. Batch size and prefix caching do not
+        (greedy answers are the same). Computed once: a model changed in place afterwards is not noticed."""
+        identity = self.__dict__.get("_cache_identity")
+        if identity is None:
+            identity = self.__dict__["_cache_identity"] = _model_identity(self.model, self.tokenizer)
+        return {
+            **super().cache_identity(),
+            **identity,
+            "seed": self.seed,
+            "template_kwargs": self._template_kwargs,
+        }
 
     @property
     def context_window(self) -> int | None:
@@ -347,3 +363,45 @@ def _row_budgets(budgets: list[int], prompt_width: int) -> Any:
 
 def _auto_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _model_identity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What identifies a loaded model's answers (see `TransformersJudge.cache_identity`)."""
+    from trl_longreward.judges.base import identity_digest
+
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    generation = model.generation_config.to_dict()
+    generation.pop("transformers_version", None)
+    path = str(getattr(model, "name_or_path", "") or "")
+    files: list[tuple[str, int, int]] = []
+    if path and Path(path).is_dir():
+        for file in sorted(Path(path).iterdir()):
+            if file.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and file.is_file():
+                stat = file.stat()
+                files.append((file.name, stat.st_size, stat.st_mtime_ns))
+    probe = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            probe.update(name.encode())
+            probe.update(str(tuple(tensor.shape)).encode())
+            try:
+                sample = tensor.detach().reshape(-1)[:256].to("cpu", torch.float32)
+            except (RuntimeError, NotImplementedError):  # e.g. a tensor offloaded to the meta device
+                continue
+            probe.update(sample.numpy().tobytes())
+    template = getattr(tokenizer, "chat_template", None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    return {
+        "path": path,
+        "revision": getattr(model.config, "_commit_hash", None),
+        "config": identity_digest(config),
+        "generation_config": identity_digest(generation),
+        "weight_files": identity_digest(files) if files else None,
+        "weights_sample": probe.hexdigest()[:16],
+        "dtype": str(model.dtype),
+        "device": model.device.type,
+        "quantization": None if quantizer is None else str(getattr(quantizer, "quantization_config", quantizer)),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab": len(tokenizer),
+        "chat_template": identity_digest(template),
+    }

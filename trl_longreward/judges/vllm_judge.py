@@ -80,6 +80,15 @@ class VLLMJudge(BatchingJudge):
     def _group_key(self, request: ChatRequest) -> tuple:
         return ()  # every request carries its own SamplingParams: any mix shares one batch
 
+    def cache_identity(self) -> dict[str, Any]:
+        """The engine's model settings that can change an answer (model, revision, tokenizer, dtype, seed,
+        quantization, generation-config source and overrides), a digest of the model's config and the chat
+        template. Memory, parallelism and context-length settings are left out. Computed once."""
+        identity = self.__dict__.get("_cache_identity")
+        if identity is None:
+            identity = self.__dict__["_cache_identity"] = _engine_identity(self.llm)
+        return {**super().cache_identity(), **identity}
+
     def _check_length(self, request: ChatRequest) -> JudgeError | None:
         """vLLM rejects a whole `chat` call if one prompt is too long, so check each prompt first."""
         if self._max_model_len is None:
@@ -111,3 +120,42 @@ def _max_model_len(llm: Any) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+_ENGINE_FIELDS = (
+    "model",
+    "tokenizer",
+    "revision",
+    "code_revision",
+    "tokenizer_revision",
+    "tokenizer_mode",
+    "dtype",
+    "seed",
+    "quantization",
+    "generation_config",
+    "override_generation_config",
+    "hf_overrides",
+    "logits_processor_pattern",
+)
+
+
+def _engine_identity(llm: Any) -> dict[str, Any]:
+    """What identifies a `vllm.LLM`'s answers (see `VLLMJudge.cache_identity`), read where this vLLM keeps it."""
+    from trl_longreward.judges.base import identity_digest
+
+    config = getattr(getattr(llm, "llm_engine", None), "model_config", None)
+    settings = {name: str(getattr(config, name)) for name in _ENGINE_FIELDS if hasattr(config, name)}
+    to_dict = getattr(getattr(config, "hf_config", None), "to_dict", None)
+    model_config = None
+    if callable(to_dict):
+        model_config = {k: v for k, v in to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    template = None
+    try:
+        template = getattr(llm.get_tokenizer(), "chat_template", None)
+    except Exception:  # a vLLM without a tokenizer handle: the template is then not part of the identity
+        pass
+    return {
+        "engine": settings,
+        "config": None if model_config is None else identity_digest(model_config),
+        "chat_template": identity_digest(template),
+    }

@@ -45,6 +45,14 @@ class LongRewardConfig:
         judge_context_window (`int` or `None`, *optional*, defaults to `None`):
             The HTTP judge's context window in tokens, if known (e.g. vLLM's `--max-model-len`); completeness notes
             are then kept to half of it. In-process judges read it from the model.
+        judge_extra_body (`dict` or `str` or `None`, *optional*, defaults to `None`):
+            Extra JSON fields of every HTTP judge request, e.g. `'{"seed": 0, "top_k": 20, "chat_template_kwargs":
+            {"enable_thinking": false}}'` on the command line. They are part of the judge-call cache key.
+        judge_fingerprint (`str` or `None`, *optional*, defaults to `None`):
+            A name for the judge's model state, part of every judge-call cache key. For an HTTP judge it replaces the
+            server's own report of what it serves (`/v1/models`: `root`, `owned_by`), e.g. for a hosted API that
+            reports nothing, or replicas that load one checkpoint from different paths; change it to start afresh.
+            For an in-process judge it is added to the model's own identity.
 
         > Parameters that control the pipelines
 
@@ -168,6 +176,20 @@ class LongRewardConfig:
         default=None,
         metadata={"help": "HTTP judge's context window in tokens, if known; completeness notes stay within half."},
     )
+    judge_extra_body: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Extra JSON fields of every HTTP judge request, e.g. \'{"seed": 0, "top_k": 20}\' (part of the '
+            "judge-call cache key)."
+        },
+    )
+    judge_fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Name of the judge's model state in judge-call cache keys; for an HTTP judge it replaces what the "
+            "server reports in /v1/models."
+        },
+    )
     dimensions: list[str] = field(
         default_factory=lambda: list(DIMENSIONS), metadata={"help": "Dimensions to score (subset of the four)."}
     )
@@ -259,6 +281,17 @@ class LongRewardConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.judge_extra_body, str):  # from the command line
+            import json
+
+            try:
+                self.judge_extra_body = json.loads(self.judge_extra_body)
+            except ValueError as err:
+                raise ValueError(
+                    f"judge_extra_body={self.judge_extra_body!r} is not a JSON object, e.g. '{{\"seed\": 0}}'."
+                ) from err
+        if self.judge_extra_body is not None and not isinstance(self.judge_extra_body, dict):
+            raise ValueError(f"judge_extra_body must be a JSON object, got {self.judge_extra_body!r}.")
         if isinstance(self.dimension_weights, str):  # from the command line, as TRL parses its dict fields
             import json
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..judges.base import Judge
 from ..judges.cache import JudgeCallCache
+from ..judges.loops import JudgeLoop
 from .config import LongRewardConfig
 from .dimensions import FAILED, NOT_APPLICABLE, OK, SCORERS, DimensionResult, PromptState, ScoringServices
 from .inputs import Sample, resolve_samples
@@ -37,24 +38,61 @@ class Judgement:
         return asdict(self)
 
 
-class _LoopThread:
+class _LoopThread(JudgeLoop):
     """A private event loop in a daemon thread: the sync `__call__` works inside notebooks and inside a trainer's
-    own event loop, and async clients stay bound to one loop for the reward's lifetime."""
+    own event loop, and the reward's shared per-prompt work stays on one loop for its lifetime. Stopping it cancels
+    what still runs there, so a caller waiting on it gets an error instead of waiting forever."""
+
+    # Held while a reward creates its loop: a trainer may make its first calls from several threads at once.
+    creating = threading.Lock()
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="long-reward-loop", daemon=True)
-        self.thread.start()
+        super().__init__(name="long-reward-loop")
 
     def run(self, coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        return self.run_sync(coroutine)
 
     async def arun(self, coroutine) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
+        return await self.call(coroutine, stall_timeout=None, what="LongReward scoring")
 
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+
+# Keyword arguments a trainer may pass besides dataset columns; each one is optional.
+_TRAINER_KWARGS = ("trainer_state", "log_metric", "log_extra")
+
+
+def _dataset_columns(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in kwargs.items() if key not in _TRAINER_KWARGS}
+
+
+def _log_metrics(kwargs: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Report the batch's metrics through the trainer's `log_metric`, when it passes one (GRPO, RLOO); trainers
+    that pass none (OnlineDPO, async GRPO) leave them to `score_batch` and `stats()`."""
+    log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
+    if callable(log_metric):
+        for name, value in metrics.items():
+            log_metric(name, value)
+
+
+class AsyncLongReward:
+    """The async face of a `LongRewardFunction` (see `as_async`); picklable when the reward is."""
+
+    __name__ = "long_reward"
+
+    def __init__(self, reward: LongRewardFunction) -> None:
+        self.reward = reward
+
+    async def __call__(
+        self,
+        prompts: Sequence[Any] | None = None,
+        completions: Sequence[Any] | None = None,
+        completion_ids: Any = None,
+        **kwargs: Any,
+    ) -> list[float | None]:
+        judgements, metrics = await self.reward.ascore_batch(
+            prompts=prompts, completions=completions, **_dataset_columns(kwargs)
+        )
+        _log_metrics(kwargs, metrics)
+        return [j.reward for j in judgements]
 
 
 def aggregate(results: dict[str, DimensionResult], config: LongRewardConfig) -> float | None:
@@ -147,11 +185,13 @@ class LongRewardFunction:
         completion_ids: Any = None,
         **kwargs: Any,
     ) -> list[float | None]:
-        judgements, metrics = self.score_batch(prompts=prompts, completions=completions, **kwargs)
-        log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
-        if log_metric is not None:
-            for name, value in metrics.items():
-                log_metric(name, value)
+        """The reward of each completion (None where scoring failed). Besides dataset columns, a trainer may pass
+        `log_metric` (then the batch's metrics are logged through it), `log_extra` and `trainer_state`; none is
+        required, and `completion_ids` is ignored. Safe to call from several threads at once."""
+        with _LoopThread.creating:
+            self._loop_thread()
+        judgements, metrics = self.score_batch(prompts=prompts, completions=completions, **_dataset_columns(kwargs))
+        _log_metrics(kwargs, metrics)
         return [j.reward for j in judgements]
 
     def score(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any):
@@ -181,22 +221,17 @@ class LongRewardFunction:
         return self._loop_thread().run(coroutine)
 
     def call_counts(self) -> dict[str, int]:
-        """Cumulative judge calls sent, cache hits, parse failures and judge errors of this reward function."""
+        """Cumulative counts of this reward function's judge calls (logged per batch as `long_reward/<name>`):
+        `judge_calls` (logical calls sent), `judge_requests` (HTTP requests sent for them, retries included),
+        `cache_hits`, `shared_calls` (identical calls in flight that awaited one call), `parse_failures`,
+        `judge_errors` (calls that failed, each once), `permanent_judge_errors` (of those, refused for good) and
+        `verdict_followups`; see `runner.CallCounters`."""
         return self.runner.counters.totals()
 
-    def as_async(self) -> Callable[..., Any]:
-        """An async reward function with the same name, for trainers that gather async rewards concurrently."""
-        reward = self
-
-        async def long_reward(prompts=None, completions=None, completion_ids=None, **kwargs: Any):
-            judgements, metrics = await reward.ascore_batch(prompts=prompts, completions=completions, **kwargs)
-            log_metric = kwargs.get("log_metric")
-            if log_metric is not None:
-                for name, value in metrics.items():
-                    log_metric(name, value)
-            return [j.reward for j in judgements]
-
-        return long_reward
+    def as_async(self) -> AsyncLongReward:
+        """An async reward function with the same name and keyword handling, for trainers that await async rewards
+        (GRPO gathers them; async GRPO awaits them in its rollout process, so this one is picklable)."""
+        return AsyncLongReward(self)
 
     def score_samples(self, samples: Sequence[Sample]) -> list[Judgement]:
         return self.run(self._score_samples(list(samples)))[0]
@@ -276,13 +311,22 @@ class LongRewardFunction:
         return judgements, batch_metrics(judgements, list(self.scorers), before, self.runner.counters.totals())
 
     def stats(self) -> dict[str, Any]:
-        """Cumulative cost of this reward function: judge calls sent, cache hits, parse failures, judge errors; with a
-        judge over HTTP endpoints also each endpoint's calls, failures and time out of rotation."""
+        """Cumulative cost of this reward function: `call_counts()` (judge calls, HTTP requests, cache hits, shared
+        calls, parse failures, judge errors, permanent ones, follow-ups), the same per prompt template
+        (`by_template`), and with a judge over HTTP endpoints each endpoint's calls, failures and time out of
+        rotation."""
         stats: dict[str, Any] = {**self.runner.counters.totals(), "by_template": self.runner.counters.snapshot()}
         endpoint_stats = getattr(self.judge, "endpoint_stats", None)
         if callable(endpoint_stats):
             stats["judge_endpoints"] = endpoint_stats()
         return stats
+
+    def __getstate__(self) -> dict:
+        """A pickled reward keeps its config, judge, cache and counters; the per-prompt state (asyncio tasks of
+        this process) and the event loop thread are rebuilt on first use."""
+        state = dict(self.__dict__)
+        state.update(_states=OrderedDict(), _loop=None)
+        return state
 
     @property
     def closed(self) -> bool:

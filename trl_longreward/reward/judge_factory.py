@@ -25,13 +25,19 @@ def build_judge(config: LongRewardConfig) -> Judge:
             max_retries=config.judge_max_retries,
             endpoint_cooldown=config.judge_endpoint_cooldown,
             context_window=config.judge_context_window,
+            extra_body=config.judge_extra_body,
+            fingerprint=config.judge_fingerprint,
         )
+    judge: Judge
     if config.judge_backend == "transformers":
         from ..judges.transformers_judge import TransformersJudge
 
-        return TransformersJudge(config.judge_model, max_batch_size=config.judge_max_concurrency)
-    from ..judges.vllm_judge import VLLMJudge
+        judge = TransformersJudge(config.judge_model, max_batch_size=config.judge_max_concurrency)
+    else:
+        from ..judges.vllm_judge import VLLMJudge
 
-    if not config.judge_model:
-        raise ValueError("judge_backend='vllm' needs judge_model (a local path or Hub id).")
-    return VLLMJudge(config.judge_model)
+        if not config.judge_model:
+            raise ValueError("judge_backend='vllm' needs judge_model (a local path or Hub id).")
+        judge = VLLMJudge(config.judge_model)
+    judge.fingerprint = config.judge_fingerprint  # part of the in-process judge's cache identity
+    return judge

@@ -4,9 +4,11 @@
 exactly the JSON shape OpenAI's API uses, so code under test can talk to it through the real `openai` client. It can
 also simulate what makes a remote judge hard to use: latency, a rate limiter (`max_concurrency` -> 429), seeded
 random faults (5xx, 429 with `Retry-After`, hangs, dropped connections, bodies cut short, broken JSON, answers without
-a verdict), a context window (`max_context_tokens` / `max_context_chars` -> 400) and full outages (`set_down`).
-Counters (`requests`, `request_log`, `max_in_flight`, `max_in_flight_by_client`, `num_rejected`, `num_faults`,
-`num_answered`) let tests assert what happened.
+a verdict), a context window (`max_context_tokens` / `max_context_chars` -> 400), an API key it requires (`api_key`
+-> 401 or 403 for any other) and full outages (`set_down`). `/v1/models` reports what it serves as vLLM does
+(`root`, `owned_by`, `max_model_len`). Counters (`requests`, `request_log`, `max_in_flight`,
+`max_in_flight_by_client`, `num_rejected`, `num_faults`, `num_answered`, `num_model_requests`) let tests assert what
+happened.
 
 Clients can be told apart: a path prefix names the client (`http://HOST:PORT/NAME/v1` is the same API as
 `http://HOST:PORT/v1`, its requests counted under NAME), else the request's `user` field does.
@@ -205,11 +207,17 @@ class ScriptedOpenAIServer:
         max_context_tokens: the judge's context window: a chat request whose messages (in whitespace-separated
             words) plus its `max_tokens` exceed it is answered 400 `context_length_exceeded`, as vLLM does.
         max_context_chars: the same limit in characters of the messages (for text without spaces, e.g. CJK).
+        root: what `/v1/models` reports as the model's `root` (vLLM: the checkpoint it loaded); None: no `root`.
+        owned_by: what `/v1/models` reports as the model's `owned_by`.
+        api_key: the one key accepted (`Authorization: Bearer KEY`); any other request is answered `auth_status`
+            (401 or 403) on every path under /v1, as `vllm serve --api-key` does. None: any key.
+        auth_status: the status of a request with a wrong key: 401 (unauthorized) or 403 (forbidden).
 
     Every chat request body received is appended to `requests` (including those answered with a fault, a 429, a 400
     or a 503), so `num_chat_requests` counts what actually reached the judge, retries included; `request_log` holds,
-    in the same order, each request's client name, API key, arrival time (`time.monotonic()`) and outcome
-    ("answered", a fault kind, "rejected", "down", "too_long" or "error"). A request counts as in flight from its arrival until the server starts writing
+    in the same order, each request's client name, API key, arrival time (`time.monotonic()`), retry number (the
+    `openai` client's `x-stainless-retry-count` header: 0 for a call's first request, None without it) and outcome
+    ("answered", a fault kind, "rejected", "down", "too_long", "unauthorized" or "error"). A request counts as in flight from its arrival until the server starts writing
     its answer, so `max_in_flight` never exceeds what the clients had in flight.
     """
 
@@ -230,7 +238,13 @@ class ScriptedOpenAIServer:
         retry_after_s: float = 0.0,
         max_context_tokens: int | None = None,
         max_context_chars: int | None = None,
+        root: str | None = None,
+        owned_by: str = "trl_longreward",
+        api_key: str | None = None,
+        auth_status: int = 401,
     ) -> None:
+        if auth_status not in (401, 403):
+            raise ValueError(f"auth_status must be 401 or 403, got {auth_status}")
         unknown = [kind for kind in faults if kind not in FAULT_KINDS]
         if unknown:
             raise ValueError(f"unknown fault kinds {unknown}; choose from {list(FAULT_KINDS)}")
@@ -258,6 +272,11 @@ class ScriptedOpenAIServer:
         self.retry_after_s = retry_after_s
         self.max_context_tokens = max_context_tokens
         self.max_context_chars = max_context_chars
+        self.root = root
+        self.owned_by = owned_by
+        self.api_key = api_key
+        self.auth_status = auth_status
+        self.num_model_requests = 0  # GET /v1/models received
 
         self.requests: list[dict] = []
         self.request_log: list[dict[str, Any]] = []
@@ -363,6 +382,7 @@ class ScriptedOpenAIServer:
             self.max_in_flight_by_client.clear()
             self.num_rejected = 0
             self.num_faults = dict.fromkeys(self.faults, 0)
+            self.num_model_requests = 0
 
     def set_down(self, down: bool) -> None:
         """Simulate a judge outage: while down, every request is answered 503."""
@@ -388,13 +408,35 @@ class ScriptedOpenAIServer:
     def _answer_down(self, handler: _Handler) -> None:
         handler.send_error_json(503, "The judge server is down.", "server_error")
 
+    def _unauthorized(self, handler: _Handler) -> bool:
+        """Whether the request lacks the required key (then it was answered 401/403, in OpenAI's shape)."""
+        if self.api_key is None:
+            return False
+        if (handler.headers.get("Authorization") or "").removeprefix("Bearer ") == self.api_key:
+            return False
+        if self.auth_status == 401:
+            message, kind = "Incorrect API key provided.", "invalid_request_error"
+        else:
+            message, kind = "This key may not use this model.", "permission_error"
+        handler.send_error_json(self.auth_status, message, kind)
+        return True
+
     def _handle_get(self, handler: _Handler, path: str) -> None:
+        if path == "/v1/models":
+            with self._lock:
+                self.num_model_requests += 1
         if self._is_down():
             self._answer_down(handler)
         elif path == "/health":
             handler.send_json(200, {"status": "ok"})
+        elif path.startswith("/v1/") and self._unauthorized(handler):
+            return
         elif path == "/v1/models":
-            model = {"id": self.model, "object": "model", "created": 0, "owned_by": "trl_longreward"}
+            model: dict[str, Any] = {"id": self.model, "object": "model", "created": 0, "owned_by": self.owned_by}
+            if self.root is not None:
+                model["root"] = self.root
+            if self.max_context_tokens is not None:
+                model["max_model_len"] = self.max_context_tokens
             handler.send_json(200, {"object": "list", "data": [model]})
         else:
             handler.send_error_json(404, f"Unknown path {path}", "invalid_request_error")
@@ -402,6 +444,8 @@ class ScriptedOpenAIServer:
     def _handle_post(self, handler: _Handler, path: str, raw: bytes) -> None:
         if path not in ("/v1/chat/completions", "/v1/embeddings"):
             handler.send_error_json(404, f"Unknown path {path}", "invalid_request_error")
+            return
+        if path == "/v1/embeddings" and not self._is_down() and self._unauthorized(handler):
             return
         try:
             body = json.loads(raw or b"{}")
@@ -447,8 +491,10 @@ class ScriptedOpenAIServer:
             "api_key": auth.removeprefix("Bearer "),
             "arrived": time.monotonic(),
             "outcome": "pending",
+            "retry": _retry_count(handler.headers.get("x-stainless-retry-count")),
         }
         too_long = self._too_long(body)
+        unauthorized = self.api_key is not None and entry["api_key"] != self.api_key
         down = admitted = False
         fault: str | None = None
         with self._lock:
@@ -457,6 +503,8 @@ class ScriptedOpenAIServer:
             if self._down:
                 down = True
                 entry["outcome"] = "down"
+            elif unauthorized:
+                entry["outcome"] = "unauthorized"
             elif too_long is not None:
                 entry["outcome"] = "too_long"
             elif self.max_concurrency is not None and self._in_flight >= self.max_concurrency:
@@ -473,6 +521,9 @@ class ScriptedOpenAIServer:
                     self.num_faults[fault] = self.num_faults.get(fault, 0) + 1
         if down:
             self._answer_down(handler)
+            return
+        if unauthorized:
+            self._unauthorized(handler)
             return
         if too_long is not None:
             handler.send_json(400, _error_body(too_long, "invalid_request_error", code="context_length_exceeded"))
@@ -638,6 +689,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--faults", default="500", help=f"comma-separated, from {','.join(FAULT_KINDS)}")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def _retry_count(header: str | None) -> int | None:
+    """The retry number the `openai` client sends with each request (None when it sends none)."""
+    try:
+        return None if header is None else int(header)
+    except ValueError:
+        return None
 
 
 def _hang_up(handler: Any) -> None:
