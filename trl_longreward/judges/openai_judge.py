@@ -414,10 +414,14 @@ class OpenAIJudge(Judge):
             page = await asker.models.list()
         except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
             raise self._auth_error(redact_url(url), err) from None
+        except openai.InternalServerError as err:
+            if getattr(err, "status_code", None) == 500:  # the route itself fails (`transformers serve` does)
+                return None  # a server that never answers it reports nothing: its calls must still be cached
+            raise ConnectionError(repr(err)) from None  # 502/503/504: down or starting, ask again later
         except (openai.APIConnectionError, openai.RateLimitError) as err:
             raise ConnectionError(repr(err)) from None
-        except Exception:  # 404, a 5xx after the retry, an HTML page, another shape: this server reports nothing
-            return None  # (`transformers serve` answers /v1/models with 500: its calls must still be cached)
+        except Exception:  # 404, an HTML page, a body of another shape: this server reports nothing
+            return None
         for model in getattr(page, "data", None) or []:
             if getattr(model, "id", None) != self.model_id:
                 continue
