@@ -133,7 +133,9 @@ def test_counts_under_random_faults_match_the_servers_log(max_retries: int, faul
         log = settled_log(server)
     outcomes = Counter(entry["outcome"] for entry in log)
     assert set(outcomes) <= {"answered", "no_verdict", *TRANSPORT_FAULTS}, outcomes
-    assert sum(outcomes[kind] for kind in TRANSPORT_FAULTS) > 0 and outcomes["no_verdict"] > 0
+    # Faults are drawn in arrival order, so which kinds a run meets varies; transport faults are met in every run
+    # (the deterministic tests above pin a shared failure and a shared verdict-less answer exactly).
+    assert sum(outcomes[kind] for kind in TRANSPORT_FAULTS) > 0
     # Every HTTP request, retries included.
     assert stats["judge_requests"] == len(log) == metrics["long_reward/judge_requests"]
     # A logical call's first request carries retry number 0; its retries 1..max_retries.
@@ -141,7 +143,9 @@ def test_counts_under_random_faults_match_the_servers_log(max_retries: int, faul
     assert all(0 <= entry["retry"] <= max_retries for entry in log)
     # A call fails when its last allowed request met a transport fault; counted once, whoever awaited it.
     failed = sum(1 for entry in log if entry["retry"] == max_retries and entry["outcome"] in TRANSPORT_FAULTS)
-    assert stats["judge_errors"] == failed == metrics["long_reward/judge_errors"] > 0
+    assert stats["judge_errors"] == failed == metrics["long_reward/judge_errors"]
+    if max_retries == 0:  # every transport fault ends its call
+        assert failed == sum(outcomes[kind] for kind in TRANSPORT_FAULTS) > 0
     assert stats["permanent_judge_errors"] == 0
     # Every verdict-less answer is one parse failure (and one re-sample).
     assert stats["parse_failures"] == outcomes["no_verdict"] == metrics["long_reward/parse_failures"]

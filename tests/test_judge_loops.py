@@ -152,10 +152,8 @@ def test_a_judge_closed_by_one_caller_fails_the_others_calls_at_once():
                 time.sleep(0.005)
             asyncio.run(judge.aclose())
 
-        start = time.monotonic()
         answers, _ = run_in_threads(lambda: judge.generate(requests), close_soon)
-        elapsed = time.monotonic() - start
-    assert elapsed < 2.5  # not the server's 3 s: the waiting calls failed when the judge was closed
+    # The server would have answered "[[7]]" after 3 s: errors mean the waiting calls failed when it was closed.
     assert all(isinstance(answer, JudgeError) for answer in answers), answers
     # The judge is usable again afterwards: a new loop, new clients.
     with ScriptedOpenAIServer(lambda messages, body: "[[7]]") as server:
@@ -167,12 +165,10 @@ def test_a_judge_closed_by_one_caller_fails_the_others_calls_at_once():
 def test_a_call_that_never_gets_an_answer_times_out_by_the_client_budget():
     with ScriptedOpenAIServer(lambda messages, body: "[[7]]", latency_s=30.0) as server:
         judge = OpenAIJudge("scripted-judge", server.base_url, timeout=0.3, max_retries=1)
-        start = time.monotonic()
         (answer,) = judge.generate([ChatRequest.from_prompt("hello")])
-        elapsed = time.monotonic() - start
         asyncio.run(judge.aclose())
+    # The server would have answered after 30 s: the error is the client's own timeout budget running out.
     assert isinstance(answer, JudgeError) and "failed after 1 retries" in str(answer)
-    assert elapsed < 10
     # The guard's bound is the same budget: endpoints x (1 + retries) x (timeout + backoff).
     assert judge._stall_timeout() == pytest.approx(1 * 2 * (0.3 + 60.0) + 10.0)
 
@@ -187,14 +183,11 @@ def test_a_stuck_judge_loop_fails_waiting_calls_with_a_clear_error(monkeypatch):
             time.sleep(1.5)  # a blocking call on the judge's loop: nothing on it can make progress
 
         blocked = judge._home.submit(block())
-        start = time.monotonic()
         (answer,) = judge.generate([ChatRequest.from_prompt("hello")])
-        elapsed = time.monotonic() - start
         blocked.result(10)
         assert judge.generate([ChatRequest.from_prompt("again")]) == ["[[7]]"]  # the loop is free again
         asyncio.run(judge.aclose())
     assert isinstance(answer, JudgeError) and "no answer within 0.3 s" in str(answer) and "stuck" in str(answer)
-    assert elapsed < 1.4
     assert judge.stats.failures == 1
 
 
@@ -252,9 +245,7 @@ def test_judge_loop_stall_timeout_cancels_the_call():
         with pytest.raises(JudgeError, match="probe: no answer within 0.2 s"):
             await loop.call(never(), stall_timeout=0.2, what="probe")
 
-    start = time.monotonic()
     asyncio.run(main())
-    assert time.monotonic() - start < 5
     assert cancelled.wait(5)
     assert loop.run_sync(asyncio.sleep(0, result="still works")) == "still works"
     loop.stop()
@@ -334,12 +325,9 @@ def test_batching_judge_stall_timeout_fails_a_request_whose_batch_never_returns(
     gate = threading.Event()
     judge = ScriptedBatchJudge(gate=gate, stall_timeout_s=0.3, batch_wait_s=0.0)
     request = HELPFULNESS
-    start = time.monotonic()
     (answer,) = judge.generate([request])
-    elapsed = time.monotonic() - start
     gate.set()
     assert isinstance(answer, JudgeError) and "ScriptedBatchJudge call: no answer within 0.3 s" in str(answer)
-    assert elapsed < 5
     assert judge.generate([request]) == [HELPFULNESS_ANSWER]  # the model thread came back: the judge works again
     asyncio.run(judge.aclose())
     with pytest.raises(ValueError, match="stall_timeout_s"):
