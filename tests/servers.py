@@ -51,6 +51,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def run_in_process_group(command: list[str], *, env: dict[str, str], cwd: Path, timeout_s: float):
+    """Run `command` in its own process group; (exit code or None on timeout, combined output, seconds). On timeout
+    the whole group is killed: a launcher and its workers must not outlive the test."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+        return process.returncode, output, time.perf_counter() - start
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        return None, output, time.perf_counter() - start
+
+
 def _transformers_cli() -> list[str]:
     """The `transformers` console script of this interpreter's environment, else the one on PATH."""
     local = Path(sys.executable).with_name("transformers")

@@ -12,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import run_in_process_group
 
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
@@ -59,23 +57,7 @@ def run_torchrun(args: list[str], timeout_s: float) -> tuple[int | None, str, fl
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "torch.distributed.run", *args]
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-        return process.returncode, output, time.perf_counter() - start
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers: a hung job must not outlive the test
-        output, _ = process.communicate()
-        return None, output, time.perf_counter() - start
+    return run_in_process_group(command, env=env, cwd=REPO_ROOT, timeout_s=timeout_s)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ row per pair; the parameters changed and are the same on both ranks; the checkpo
 the resumed step made no judge call and ended at the same parameters; and every engine trains the parameters DDP
 trains (same samples, same pairs, same updates, to float rounding). QLoRA: one step, against DDP.
 
-DeepSpeed is an optional dependency: without it (`import deepspeed` fails) its tests are skipped with the reason.
+DeepSpeed comes with the dev extra (`trl-longreward[deepspeed]`): without it its tests fail, saying how to install it.
 `benchmarks/gpu_engine_check.sh` runs the GPU configs on GPUs (`test_engines_on_gpus`, marked `gpu`).
 """
 
@@ -18,16 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from servers import run_in_process_group
 
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
@@ -60,12 +58,12 @@ def digest_score(question: str, response: str) -> float:
 
 
 def require_deepspeed() -> None:
-    """Skip, saying why and how to install it, when `import deepspeed` fails (an optional dependency)."""
+    """Fail, saying why and how to install it, when `import deepspeed` fails: the dev extra installs it, so a
+    missing DeepSpeed is a broken environment, not a reason to skip."""
     try:
         import deepspeed  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure means DeepSpeed cannot run here
-        reason = f"`import deepspeed` failed ({type(err).__name__}: {err}); {DEEPSPEED_HINT}"
-        pytest.skip(f"DeepSpeed is an optional dependency: {reason}")
+        pytest.fail(f"`import deepspeed` failed ({type(err).__name__}: {err}); {DEEPSPEED_HINT}")
 
 
 def launch(
@@ -81,23 +79,7 @@ def launch(
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *launcher,
         str(SCRIPT), "--judge_url", judge_url, "--output_dir", str(out), *args,
     ]  # fmt: skip
-    start = time.perf_counter()
-    process = subprocess.Popen(
-        command,
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-        return process.returncode, output, time.perf_counter() - start
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers: a hung job must not outlive the test
-        output, _ = process.communicate()
-        return None, output, time.perf_counter() - start
+    return run_in_process_group(command, env=env, cwd=REPO_ROOT, timeout_s=TIMEOUT_S)
 
 
 def check_finished(code: int | None, output: str, what: str) -> None:
