@@ -350,22 +350,3 @@ def test_vllm_judge_without_vllm_names_the_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
     with pytest.raises(ImportError, match=r'pip install "trl-longreward\[vllm\]"'):
         VLLMJudge("any/model")
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-def test_vllm_judge_generates() -> None:
-    pytest.importorskip("vllm")
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM needs a CUDA GPU")
-    from trl_longreward.judges.vllm_judge import VLLMJudge
-    from trl_longreward.models import default_model_path
-
-    judge = VLLMJudge(str(default_model_path()), gpu_memory_utilization=0.3, max_model_len=2048, enforce_eager=True)
-    results = judge.generate(
-        [_prompt("What is the capital of France?", max_tokens=24), _prompt("word " * 3000, max_tokens=8)]
-    )
-    assert isinstance(results[0], str) and "Paris" in results[0]
-    assert isinstance(results[1], JudgeError)

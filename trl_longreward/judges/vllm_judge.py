@@ -1,4 +1,5 @@
-"""A judge that runs a chat model in-process with vLLM (GPU only; optional extra `trl-longreward[vllm]`)."""
+"""A judge that runs a chat model in-process with vLLM (CUDA: the `vllm` extra; x86 CPU: the CPU build, see
+`trl_longreward/vllm_support.py`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ from typing import Any
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
 from trl_longreward.judges.batching import BatchingJudge, BatchResult
+from trl_longreward.vllm_support import VLLM_INSTALL_HINT, check_vllm_version
 
 __all__ = ["VLLM_INSTALL_HINT", "VLLMJudge"]
-
-VLLM_INSTALL_HINT = 'pip install "trl-longreward[vllm]"'
 
 
 class VLLMJudge(BatchingJudge):
@@ -31,7 +31,8 @@ class VLLMJudge(BatchingJudge):
         try:
             import vllm
         except ImportError as exc:
-            raise ImportError(f"VLLMJudge needs vLLM (and a CUDA GPU). Install it with: {VLLM_INSTALL_HINT}") from exc
+            raise ImportError(f"VLLMJudge needs vLLM. Install it with: {VLLM_INSTALL_HINT}") from exc
+        check_vllm_version(vllm)
         self._sampling_params_cls = vllm.SamplingParams
         self.llm = vllm.LLM(model=model, **llm_kwargs)
         self.model_id = model

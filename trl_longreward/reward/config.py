@@ -48,6 +48,11 @@ class LongRewardConfig:
         judge_extra_body (`dict` or `str` or `None`, *optional*, defaults to `None`):
             Extra JSON fields of every HTTP judge request, e.g. `'{"seed": 0, "top_k": 20, "chat_template_kwargs":
             {"enable_thinking": false}}'` on the command line. They are part of the judge-call cache key.
+        judge_engine_kwargs (`dict` or `str` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of the in-process judge's engine: `vllm.LLM(...)` for `judge_backend="vllm"` (e.g.
+            `'{"gpu_memory_utilization": 0.3, "max_model_len": 32768, "enforce_eager": true}'` on the command
+            line). Memory, parallelism and context-length settings are not part of the cache key; settings that can
+            change an answer (`dtype`, `seed`, `quantization`, ...) are, as the engine reports them.
         judge_fingerprint (`str` or `None`, *optional*, defaults to `None`):
             A name for the judge's model state, part of every judge-call cache key. For an HTTP judge it replaces the
             server's own report of what it serves (`/v1/models`: `root`, `owned_by`), e.g. for a hosted API that
@@ -183,6 +188,13 @@ class LongRewardConfig:
             "judge-call cache key)."
         },
     )
+    judge_engine_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Keyword arguments of the in-process vLLM judge\'s engine (vllm.LLM), e.g. \'{"gpu_memory_utilization": '
+            '0.3, "max_model_len": 32768}\'.'
+        },
+    )
     judge_fingerprint: str | None = field(
         default=None,
         metadata={
@@ -292,6 +304,24 @@ class LongRewardConfig:
                 ) from err
         if self.judge_extra_body is not None and not isinstance(self.judge_extra_body, dict):
             raise ValueError(f"judge_extra_body must be a JSON object, got {self.judge_extra_body!r}.")
+        if isinstance(self.judge_engine_kwargs, str):  # from the command line
+            import json
+
+            try:
+                self.judge_engine_kwargs = json.loads(self.judge_engine_kwargs)
+            except ValueError as err:
+                raise ValueError(
+                    f"judge_engine_kwargs={self.judge_engine_kwargs!r} is not a JSON object, e.g. "
+                    '\'{"max_model_len": 8192, "enforce_eager": true}\'.'
+                ) from err
+        if self.judge_engine_kwargs is not None:
+            if not isinstance(self.judge_engine_kwargs, dict):
+                raise ValueError(f"judge_engine_kwargs must be a JSON object, got {self.judge_engine_kwargs!r}.")
+            if self.judge_backend != "vllm":
+                raise ValueError(
+                    f"judge_engine_kwargs is for judge_backend='vllm' (vllm.LLM's arguments), but judge_backend="
+                    f"{self.judge_backend!r}: drop it, or set judge_backend='vllm'."
+                )
         if isinstance(self.dimension_weights, str):  # from the command line, as TRL parses its dict fields
             import json
 

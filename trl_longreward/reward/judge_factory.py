@@ -38,6 +38,6 @@ def build_judge(config: LongRewardConfig) -> Judge:
 
         if not config.judge_model:
             raise ValueError("judge_backend='vllm' needs judge_model (a local path or Hub id).")
-        judge = VLLMJudge(config.judge_model)
+        judge = VLLMJudge(config.judge_model, **(config.judge_engine_kwargs or {}))
     judge.fingerprint = config.judge_fingerprint  # part of the in-process judge's cache identity
     return judge

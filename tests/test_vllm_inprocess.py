@@ -1,0 +1,36 @@
+"""In-process vLLM on the CPU build (the vLLM environment, see `tests/vllm_env.py`): `judge_backend="vllm"` built from
+a `LongRewardConfig`, with the engine's arguments passed through `judge_engine_kwargs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from vllm_env import run_vllm_script
+
+from trl_longreward import DIMENSIONS
+from trl_longreward.models import default_model_path
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+DEMO_ROWS = Path(__file__).resolve().parent.parent / "trl_longreward" / "data" / "demo_score.jsonl"
+
+
+def test_vllm_judge_from_the_config_scores_every_row(tmp_path: Path) -> None:
+    result = run_vllm_script(
+        "vllm_judge.py", tmp_path, str(default_model_path()), str(DEMO_ROWS), str(tmp_path / "cache.sqlite")
+    )
+    # judge_engine_kwargs reached vllm.LLM: the engine runs with exactly those settings.
+    assert result["backend"] == "VLLMJudge"
+    assert result["engine"] == {"max_model_len": 4096, "enforce_eager": True, "dtype": "torch.bfloat16", "seed": 0}
+    assert result["context_window"] == 4096
+    assert len(result["rewards"]) == 4
+    assert all(r is not None and 0.0 <= r <= 10.0 for r in result["rewards"]), result["statuses"]
+    assert all(set(status) == set(DIMENSIONS) for status in result["statuses"])
+    assert result["counts"]["judge_calls"] > 0 and result["counts"]["judge_errors"] == 0, result["counts"]
+    # A final assistant message is continued, not answered anew; a prompt over the window fails alone.
+    assert "Paris" in result["continued"] and not result["continued"].lstrip().startswith("The capital")
+    assert result["continued"] != result["fresh"]
+    assert result["too_long_error"] is not None and "more than the judge's window" in result["too_long_error"]
+    assert {"engine", "config", "chat_template"} <= set(result["identity_keys"])
+    print(f"vLLM engine built in {result['built_s']:.0f} s, 4 rows judged in {result['scored_s']:.0f} s")
