@@ -34,3 +34,30 @@ def test_vllm_judge_from_the_config_scores_every_row(tmp_path: Path) -> None:
     assert result["too_long_error"] is not None and "more than the judge's window" in result["too_long_error"]
     assert {"engine", "config", "chat_template"} <= set(result["identity_keys"])
     print(f"vLLM engine built in {result['built_s']:.0f} s, 4 rows judged in {result['scored_s']:.0f} s")
+
+
+@pytest.mark.parametrize("variant", ["full", "lora"])
+def test_colocated_vllm_samples_from_the_trained_weights(variant: str, tmp_path: Path) -> None:
+    """Three online DPO steps with vLLM sampling the policy (colocate) on the CPU build: the weights reach vLLM through
+    its in-place reload after every optimizer step, and after training vLLM's greedy continuation is the trained
+    policy's own greedy choice at every token (full fine-tuning, and LoRA with the adapters merged)."""
+    result = run_vllm_script("colocate_training.py", tmp_path, variant, str(tmp_path))
+    assert result["is_peft"] == (variant == "lora")
+    assert result["steps"] == 3 and result["rewards_per_step"] == [8, 8, 8]  # 2 prompts x k=4, every step
+    # One sync per optimizer step (before the first generation after it), plus the final one the script asks for.
+    assert result["syncs"] == ["reload"] * 4
+    assert result["weights_moved"] > 0
+    # vLLM now samples from the trained weights: each of its greedy tokens is the policy's argmax...
+    assert result["after_agreement"] == 1.0, result
+    # ...and the greedy answer moved with them: the one from before training is not the policy's choice any more.
+    assert result["after"] != result["before"]
+    assert result["stale_agreement"] < 1.0
+    print(f"{variant}: greedy agreement before training {result['before_agreement']:.2f}, after 1.00")
+
+
+def test_server_mode_without_cuda_is_refused_with_the_reason(tmp_path: Path) -> None:
+    result = run_vllm_script("server_mode_refused.py", tmp_path, str(tmp_path))
+    assert result["cuda"] is False
+    assert (
+        result["refused"] is not None and "NCCL" in result["refused"] and "vllm_mode='colocate'" in result["refused"]
+    )

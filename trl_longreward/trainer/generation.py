@@ -2,7 +2,8 @@
 
 With transformers `generate` (TRL's `unwrap_model_for_generation` handles DDP/DeepSpeed/FSDP; the generation itself
 is the package's one helper, `trl_longreward.generation.sample_responses`), or with TRL's `VLLMGeneration`
-(`use_vllm=True`, `vllm_mode` colocate or server), to which the policy's weights are pushed once per optimizer step.
+(`use_vllm=True`, `vllm_mode` colocate or server), to which the policy's weights are pushed once per optimizer step
+(`sync_vllm_weights`: TRL's sync, or vLLM's own in-place reload where TRL's cannot load into the backend).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class PolicySampler:
         self.args = args
         self.accelerator = accelerator
         self.tokenizer = tokenizer
+        if args.use_vllm and args.vllm_mode == "server":
+            check_server_mode_weight_transfer()
         self.vllm_generation = (
             build_vllm_generation(args, model=model, accelerator=accelerator, processing_class=processing_class)
             if args.use_vllm
@@ -60,7 +63,7 @@ class PolicySampler:
         pushed before the first generation after each optimizer step."""
         k = self.args.num_generations
         if self._synced_step != global_step:
-            self.vllm_generation.sync_weights()
+            sync_vllm_weights(self.vllm_generation)
             self._synced_step = global_step
         prompts = [row["prompt_ids"] for row in rows for _ in range(k)]
         _, completion_ids, _, _ = self.vllm_generation.generate(prompts=prompts, images=None, num_generations=k)
@@ -79,6 +82,54 @@ class PolicySampler:
                 )
             out.append(per_prompt)
         return out
+
+
+def sync_vllm_weights(vllm_generation: Any) -> str:
+    """Push the policy's current weights into vLLM; returns how ("trl" or "reload").
+
+    TRL's colocate sync loads each tensor with the model's `load_weights`, through each parameter's `weight_loader`.
+    vLLM's CPU backend repacks linear weights into its kernels' layout after loading, and the repacked parameters have
+    no `weight_loader` any more, so that sync fails there (`'Parameter' object has no attribute 'weight_loader'`).
+    On that backend the weights go through vLLM's own in-place reload instead (`model_runner.reload_weights`, which
+    restores the checkpoint layout, loads every tensor and repacks again), fed by TRL's own parameter walk
+    (`VLLMGeneration._iter_named_params`: the DeepSpeed/FSDP gathers, and with PEFT the adapters merged into the base
+    weights and unmerged after), so what vLLM receives is exactly what TRL would push. Server mode and colocate on
+    other backends keep TRL's sync.
+    """
+    if vllm_generation.mode != "colocate" or not _vllm_repacks_weights():
+        vllm_generation.sync_weights()
+        return "trl"
+    if getattr(vllm_generation, "enable_sleep_mode", False):
+        raise ValueError(
+            "vllm_enable_sleep_mode=True is not supported on vLLM's CPU backend (its weights are reloaded in place "
+            "each step): set vllm_enable_sleep_mode=False."
+        )
+    llm = vllm_generation.llm
+    runner = llm.llm_engine.model_executor.driver_worker.model_runner
+    runner.reload_weights(weights_iterator=vllm_generation._iter_named_params(), is_checkpoint_format=True)
+    llm.reset_prefix_cache()
+    return "reload"
+
+
+def check_server_mode_weight_transfer() -> None:
+    """TRL's server mode pushes the policy's weights to the vLLM server over NCCL (`VLLMClient.init_communicator`), which
+    needs CUDA GPUs on both sides: refuse it up front on a machine without one, instead of failing inside the first
+    weight transfer."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "use_vllm=True with vllm_mode='server' needs CUDA GPUs: TRL sends the policy's weights to the vLLM server "
+            "over NCCL after every optimizer step, and this machine has no CUDA device. Use vllm_mode='colocate' "
+            "(in-process vLLM, also on the CPU build), or use_vllm=False."
+        )
+
+
+def _vllm_repacks_weights() -> bool:
+    """Whether vLLM runs on its CPU backend, whose linear layers repack their weights after loading."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 def build_vllm_generation(args: Any, *, model: Any, accelerator: Any, processing_class: Any) -> Any:
