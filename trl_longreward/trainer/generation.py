@@ -134,7 +134,12 @@ def _vllm_repacks_weights() -> bool:
 
 def build_vllm_generation(args: Any, *, model: Any, accelerator: Any, processing_class: Any) -> Any:
     """TRL's `VLLMGeneration` with the config's `vllm_*` settings (GRPO's names)."""
+    import vllm
     from trl.generation.vllm_generation import VLLMGeneration
+
+    from ..vllm_support import check_vllm_version
+
+    check_vllm_version(vllm)
 
     return VLLMGeneration(
         model=model,
