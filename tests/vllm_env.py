@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import run_in_process_group
+from servers import run_in_process_group
 
 __all__ = ["REPO_ROOT", "SCRIPTS", "run_vllm_script", "vllm_env", "vllm_python"]
 

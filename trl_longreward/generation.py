@@ -8,6 +8,10 @@ Shared prefill: `generate(num_return_sequences=k)` copies each prompt k times BE
 is prefilled k times. Here the prompt batch is prefilled once (all tokens but the last), its KV cache is repeated k
 times (`Cache.batch_repeat_interleave`), and `generate` continues from it: the k samples share one prefill. The
 tokens drawn are the same computation; with greedy decoding the outputs equal plain `generate`'s (tested).
+
+`sample_responses_vllm` gives the same output from an in-process `vllm.LLM` (`load_vllm_policy`; vLLM is imported
+lazily), fed the same prompt token ids. Its samples are seeded per prompt, not per batch: they do not depend on which
+other prompts share the call, and they differ from the transformers path's (another random stream).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .models import left_pad, truncate_at_eos, unpack_cpu_4bit_weights
+from .models import check_model_source, left_pad, truncate_at_eos, unpack_cpu_4bit_weights
+from .vllm_support import VLLM_INSTALL_HINT, check_vllm_version
 
 
 @torch.no_grad()
@@ -142,3 +147,139 @@ def _prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     )
     cache = getattr(outputs, "past_key_values", None)
     return cache if cache is not None and hasattr(cache, "batch_repeat_interleave") else None
+
+
+# ----- vLLM -----
+
+
+def require_vllm(option: str = "--use_vllm") -> None:
+    """Fail with how to install vLLM when it cannot be imported (checked before any work starts)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(f"{option} needs vLLM, which is not installed: {VLLM_INSTALL_HINT}.")
+
+
+def check_vllm_options(
+    *,
+    gpu_memory_utilization: float,
+    tensor_parallel_size: int,
+    max_model_length: int | None,
+    max_prompt_length: int,
+    max_completion_length: int,
+) -> None:
+    """The `--vllm_*` options of a command run with `--use_vllm`, checked (vLLM importable included) before any
+    work starts."""
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}.")
+    if tensor_parallel_size < 1:
+        raise ValueError(f"--vllm_tensor_parallel_size must be >= 1, got {tensor_parallel_size}.")
+    needed = max_prompt_length + max_completion_length
+    if max_model_length is not None and max_model_length < needed:
+        raise ValueError(
+            f"--vllm_max_model_length {max_model_length} cannot hold a prompt of --max_prompt_length "
+            f"{max_prompt_length} plus --max_completion_length {max_completion_length}: raise it to {needed}, or "
+            "lower those."
+        )
+    require_vllm()
+
+
+def load_vllm_policy(
+    name: str,
+    *,
+    dtype: str = "auto",
+    gpu_memory_utilization: float = 0.9,
+    max_model_length: int | None = None,
+    tensor_parallel_size: int = 1,
+    enforce_eager: bool = False,
+    enable_prefix_caching: bool = False,
+    option: str = "--model",
+) -> tuple[Any, Any]:
+    """An in-process `vllm.LLM` of `name` and the transformers tokenizer that cuts and tokenizes the prompts (pad
+    token = eos when it has none, as `load_causal_lm`'s), so vLLM gets the very token ids the transformers path
+    would. `max_model_length` None: the model's own. Prefix caching is off by default: a prompt whose KV comes from
+    the cache is computed differently from one prefilled afresh, so samples would depend on what ran before (a rerun
+    or a shard would not draw the same ones)."""
+    require_vllm()
+    import vllm
+    from transformers import AutoTokenizer
+
+    check_vllm_version(vllm)
+    check_model_source(name, option=option)
+    tokenizer = AutoTokenizer.from_pretrained(str(name))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    llm = vllm.LLM(
+        model=str(name),
+        dtype=dtype,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_length,
+        tensor_parallel_size=tensor_parallel_size,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=enable_prefix_caching,
+    )
+    return llm, tokenizer
+
+
+def eos_token_ids(name: str, tokenizer: Any) -> list[int]:
+    """The ids generation stops at: the checkpoint's generation config's eos ids (what `generate` stops at), else
+    the tokenizer's eos."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(str(name)).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+def sample_responses_vllm(
+    llm: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    num_generations: int,
+    max_completion_length: int,
+    seeds: Sequence[int],
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] | None = None,
+) -> list[list[dict[str, Any]]]:
+    """`sample_responses` with an in-process `vllm.LLM`: `num_generations` responses per prompt (one request with
+    `n=num_generations`), each `{"completion_ids", "text"}` decoded by `tokenizer` as the transformers path does.
+    Prompt i is seeded with `seeds[i]` (`SamplingParams(seed=...)`; vLLM draws its j-th sample with seed + j), so
+    a rerun, a resumed run or another shard draws the same samples. Greedy unless `do_sample`. Generation stops at
+    `eos_token_ids` (default: the tokenizer's eos)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if len(seeds) != len(prompt_ids):
+        raise ValueError(f"sample_responses_vllm needs one seed per prompt: {len(seeds)} seeds, {len(prompt_ids)} prompts.")
+    if not prompt_ids:
+        return []
+    stop = sorted(set(eos_token_ids or [tokenizer.eos_token_id]))
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": 0.0}
+    params = [
+        SamplingParams(
+            n=num_generations,
+            seed=seed,
+            max_tokens=max_completion_length,
+            stop_token_ids=stop,
+            detokenize=False,  # decoded below, exactly as the transformers path decodes
+            **sampling,
+        )
+        for seed in seeds
+    ]
+    requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+    outputs = llm.generate(requests, sampling_params=params, use_tqdm=False)
+    out = []
+    for output in outputs:
+        per_prompt = []
+        for sample in sorted(output.outputs, key=lambda sample: sample.index):
+            ids = truncate_at_eos(list(sample.token_ids), set(stop))
+            per_prompt.append({"completion_ids": ids, "text": tokenizer.decode(ids, skip_special_tokens=True)})
+        out.append(per_prompt)
+    return out

@@ -3,10 +3,13 @@
     trl-longreward score --input data.jsonl --output scores.jsonl --judge_base_url URL --judge_model NAME
     trl-longreward build-pairs --model SFT_MODEL --input prompts.jsonl --output_dir pairs_out --judge_base_url URL ...
     trl-longreward evaluate --model SFT_MODEL DPO_MODEL --output_dir eval_out --judge_base_url URL ...
+    trl-longreward merge-shards --shards shard_0 shard_1 --output_dir merged_out
 
 `score` judges (context, question, response) rows (`commands/score.py`); `build-pairs` is the paper's offline
 pipeline, k sampled responses per prompt judged and paired into a DPO dataset (`commands/build_pairs.py`);
 `evaluate` answers a long-context QA set with each model and compares their LongReward (`commands/evaluate.py`).
+`build-pairs` and `evaluate` split over N machines with `--shard_index I --num_shards N`; `merge-shards` joins the
+shards' outputs into what one machine writes (the merge of each command lives in that command's module).
 All are resumable: finished rows are skipped and every judge call already paid for comes from the judge-call cache.
 """
 
@@ -26,9 +29,11 @@ commands:
                  trl-longreward build-pairs --model PATH --input FILE --output_dir DIR [options]
   evaluate     answer a long-context QA set with one or more models and score the answers:
                  trl-longreward evaluate --model PATH [PATH ...] --output_dir DIR [options]
+  merge-shards join the outputs of a build-pairs or evaluate run split with --shard_index/--num_shards:
+                 trl-longreward merge-shards --shards DIR [DIR ...] --output_dir DIR [--input FILE]
 
 `trl-longreward COMMAND --help` lists the options of a command (the judge's included)."""
-COMMANDS = ("score", "build-pairs", "evaluate")
+COMMANDS = ("score", "build-pairs", "evaluate", "merge-shards")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,10 +82,32 @@ def _main(argv: Sequence[str] | None) -> int:
         )
         print(f"results: {Path(eval_args.output_dir) / RESULTS_FILE}")
         return 0
+    elif command == "merge-shards":
+        return _merge_shards(HfArgumentParser, rest)
     else:
         print(f"trl-longreward: unknown command {command!r}; available: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _merge_shards(parser_class: type, rest: list[str]) -> int:
+    """`merge-shards`: the command named in the shards' manifests merges them."""
+    from ..shards import MergeShardsArguments, read_shards
+
+    parser = parser_class(MergeShardsArguments, prog="trl-longreward merge-shards")
+    (merge_args,) = parser.parse_args_into_dataclasses(rest)
+    kind = read_shards(merge_args.shards)[0][1]["command"]
+    if kind == "evaluate":
+        from .evaluate import RESULTS_FILE, format_results, merge_evaluation_shards
+
+        results = merge_evaluation_shards(merge_args)
+        print(format_results(results))
+        print(f"results: {Path(merge_args.output_dir) / RESULTS_FILE}")
+        return 0
+    from .build_pairs import merge_pair_shards
+
+    print(json.dumps(merge_pair_shards(merge_args), indent=2, ensure_ascii=False))
     return 0
 
 

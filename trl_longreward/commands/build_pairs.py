@@ -14,7 +14,16 @@ best as chosen and the worst as rejected (docs/method.md section 3). Writes to `
 
 Resumable: prompts already in `samples.jsonl` are skipped. Prompts are generated in fixed groups of `batch_size`
 (by index) seeded with `seed + first index of the group`, so a resumed run with the same seed, batch_size and input
-reproduces the same samples and gets every judge answer from the cache.
+reproduces the same samples and gets every judge answer from the cache. With `--use_vllm` an in-process `vllm.LLM`
+samples instead, prompt i seeded with `seed + i * num_generations` (other samples than the transformers path's),
+each group still one batch and prefix caching off, so that reruns draw the same samples.
+
+On N machines: `--shard_index I --num_shards N` builds the groups g with g % N == I (`trl_longreward.shards`) into
+that shard's `--output_dir` (with `shard.json`), each shard resumable with its own judge cache;
+`trl-longreward merge-shards --shards DIR_0 ... DIR_N-1 --output_dir OUT` then writes the pairs one machine would:
+
+    trl-longreward build-pairs --model M --input prompts.jsonl --output_dir shard_$I --shard_index $I --num_shards 4 ...
+    trl-longreward merge-shards --shards shard_0 shard_1 shard_2 shard_3 --output_dir pairs_out
 
 Deviations from the reference: an optional minimum reward gap and a tie policy (the reference had neither: the
 defaults 0 and skip reproduce it, as an all-tied prompt has no best-vs-worst pair anyway); long prompts are cut in
@@ -34,7 +43,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..documents import check_prompt_columns, prompt_groups, row_document
-from ..generation import sample_responses
+from ..generation import (
+    check_vllm_options,
+    eos_token_ids,
+    load_vllm_policy,
+    sample_responses,
+    sample_responses_vllm,
+)
 from ..models import load_causal_lm
 from ..pairs import SKIP_REASONS, check_sampling_options, select_best_worst
 from ..records import (
@@ -46,6 +61,15 @@ from ..records import (
     resume_jsonl,
 )
 from ..reward import LongRewardConfig, LongRewardFunction
+from ..shards import (
+    MergeShardsArguments,
+    check_shard_options,
+    documents_digest,
+    judge_settings,
+    read_shards,
+    shard_prompts,
+    write_manifest,
+)
 
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_DIR = "pairs"
@@ -53,6 +77,20 @@ PAIRS_JSONL = "pairs.jsonl"
 JUDGE_CACHE_FILE = "judge_cache.sqlite"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "context", "question")
 _JUDGE_COUNTERS = ("judge_calls", "cache_hits", "parse_failures", "judge_errors")
+# Arguments that say where a shard runs and writes, not what it builds: shards of one run may differ in them.
+_PER_MACHINE = (
+    "input",
+    "output_dir",
+    "shard_index",
+    "num_shards",
+    "device",
+    "push_to_hub",
+    "hub_dataset_id",
+    "hub_private",
+    "vllm_gpu_memory_utilization",
+    "vllm_max_model_length",
+    "vllm_tensor_parallel_size",
+)
 
 
 @dataclass
@@ -105,6 +143,33 @@ class BuildPairsArguments:
         default=None, metadata={"help": "Hub dataset repository (user/name) for push_to_hub."}
     )
     hub_private: bool = field(default=False, metadata={"help": "Create the Hub dataset repository as private."})
+    shard_index: int = field(
+        default=0, metadata={"help": "This machine's shard, 0 <= shard_index < num_shards (see merge-shards)."}
+    )
+    num_shards: int = field(
+        default=1, metadata={"help": "Machines sharing the input: shard I builds the prompt groups g with g % N == I."}
+    )
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Sample with an in-process vllm.LLM instead of transformers' generate."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Share of GPU memory the vLLM engine may take (use_vllm)."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={"help": "vLLM context length (use_vllm); default the model's. Needs >= prompt + completion."},
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs the vLLM engine shards the model over."})
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "Run vLLM without CUDA graphs or compilation (use_vllm; faster start)."}
+    )
+    vllm_enable_prefix_caching: bool = field(
+        default=False,
+        metadata={
+            "help": "vLLM prefix caching (use_vllm): prefills shared prompt heads once, but samples then depend on "
+            "what the cache holds, so reruns and shards may draw other ones."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.min_scored_samples = check_sampling_options(
@@ -122,11 +187,24 @@ class BuildPairsArguments:
             raise ValueError(f"dtype={self.dtype!r}: use auto, float32, bfloat16 or float16.")
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("push_to_hub needs --hub_dataset_id user/name.")
+        check_shard_options(self.shard_index, self.num_shards)
+        if self.num_shards > 1 and self.push_to_hub:
+            raise ValueError("--push_to_hub pushes one shard's pairs: push after merge-shards instead.")
+        if self.use_vllm:
+            check_vllm_options(
+                gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                tensor_parallel_size=self.vllm_tensor_parallel_size,
+                max_model_length=self.vllm_max_model_length,
+                max_prompt_length=self.max_prompt_length,
+                max_completion_length=self.max_completion_length,
+            )
 
 
-def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> dict[str, Any]:
-    """Sample, judge and pair every prompt of `args.input` (resumably); write the preference dataset; return a
-    summary (prompts, pairs, skipped by reason, judge calls and cache hits of this run)."""
+def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig, *, llm: Any = None) -> dict[str, Any]:
+    """Sample, judge and pair every prompt of `args.input` (of this shard: `shard_index`, `num_shards`), resumably;
+    write the preference dataset; return a summary (prompts, pairs, skipped by reason, judge calls and cache hits of
+    this run). `llm`: an already built `vllm.LLM` of `args.model` to sample with (`use_vllm`), e.g. to run several
+    builds on one engine."""
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(args.input)
@@ -139,11 +217,15 @@ def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> d
     done = resume_jsonl(samples_path)
     _check_same_input(samples_path, rows, reward_config)
     limit = len(rows) if args.limit is None else min(args.limit, len(rows))
-    todo = [i for i in range(limit) if i not in done]
+    owned = shard_prompts(limit, args.batch_size, args.shard_index, args.num_shards)
+    if args.num_shards > 1:
+        _check_shard_output(args, reward_config, rows, limit, done, owned, out_dir)
+    todo = [i for i in owned if i not in done]
     judge = dict.fromkeys(_JUDGE_COUNTERS, 0)
     if todo:  # a finished run only rebuilds the dataset: no model, no judge
-        judge = _sample_and_judge(args, reward_config, rows, todo, samples_path, initial=limit - len(todo))
-    pairs, counts = _write_pairs(samples_path, rows, reward_config, out_dir)
+        initial = len(owned) - len(todo)
+        judge = _sample_and_judge(args, reward_config, rows, todo, samples_path, initial=initial, llm=llm)
+    pairs, counts = _write_pairs(samples_path, rows, reward_config.document_columns(), out_dir)
     if args.push_to_hub:
         pairs.push_to_hub(args.hub_dataset_id, private=args.hub_private)
     return {
@@ -154,6 +236,94 @@ def build_pairs(args: BuildPairsArguments, reward_config: LongRewardConfig) -> d
         "pairs_dir": str(out_dir / PAIRS_DIR),
         "pairs_jsonl": str(out_dir / PAIRS_JSONL),
     }
+
+
+def _check_shard_output(
+    args: BuildPairsArguments,
+    config: LongRewardConfig,
+    rows: Any,
+    limit: int,
+    done: set[int],
+    owned: list[int],
+    out_dir: Path,
+) -> None:
+    """A shard's output holds only its own prompts, and `shard.json` says which run it belongs to."""
+    foreign = sorted(done - set(owned))
+    if foreign:
+        raise ValueError(
+            f"{out_dir / SAMPLES_FILE} holds prompt {foreign[0]}, which shard {args.shard_index} of {args.num_shards} "
+            "does not build: it is the output of another shard or run. Use a new --output_dir for each shard."
+        )
+    write_manifest(out_dir, _manifest(args, config, rows, limit))
+
+
+def _manifest(args: BuildPairsArguments, config: LongRewardConfig, rows: Any, limit: int) -> dict[str, Any]:
+    """What `merge-shards` needs to check that shards fit together and to build the pairs from them."""
+    columns = config.document_columns()
+    documents = (row_document(rows[i], **columns, index=i) for i in range(limit))
+    return {
+        "command": "build-pairs",
+        "shard_index": args.shard_index,
+        "num_shards": args.num_shards,
+        "num_prompts": limit,
+        "input": str(Path(args.input).resolve()),
+        "input_sha256": documents_digest(documents),
+        "columns": columns,
+        "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in _PER_MACHINE},
+        "judge": judge_settings(config),
+    }
+
+
+def merge_pair_shards(args: MergeShardsArguments) -> dict[str, Any]:
+    """The pairs of a run sharded over N machines, as one machine writes them: every shard's samples checked
+    (finished, only its own prompts) and written to `args.output_dir` in prompt order, then the same `pairs/`,
+    `pairs.jsonl` and summary counts."""
+    shards = read_shards(args.shards)
+    manifest = shards[0][1]
+    num_prompts, columns = manifest["num_prompts"], manifest["columns"]
+    input_path = args.input or manifest["input"]
+    rows = load_rows(input_path)
+    documents = (row_document(rows[i], **columns, index=i) for i in range(min(num_prompts, len(rows))))
+    if len(rows) < num_prompts or documents_digest(documents) != manifest["input_sha256"]:
+        raise ValueError(
+            f"--input {input_path!r} is not the input the shards were built from (its prompts differ); give that "
+            "file with --input."
+        )
+    records: dict[int, dict[str, Any]] = {}
+    for directory, shard in shards:
+        owned = shard_prompts(num_prompts, shard["settings"]["batch_size"], shard["shard_index"], shard["num_shards"])
+        found = {r["index"]: r for r in read_jsonl(directory / SAMPLES_FILE) if not r.get("judge_errors")}
+        _check_shard_complete(directory, shard, owned, found)
+        records.update(found)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples_path = out_dir / SAMPLES_FILE
+    tmp = out_dir / (SAMPLES_FILE + ".tmp")
+    with tmp.open("w", encoding="utf-8") as sink:
+        for index in sorted(records):
+            sink.write(json.dumps(records[index], ensure_ascii=False) + "\n")
+    os.replace(tmp, samples_path)
+    _, counts = _write_pairs(samples_path, rows, columns, out_dir)
+    return {
+        **counts,
+        "shards": len(shards),
+        "samples": str(samples_path),
+        "pairs_dir": str(out_dir / PAIRS_DIR),
+        "pairs_jsonl": str(out_dir / PAIRS_JSONL),
+    }
+
+
+def _check_shard_complete(directory: Path, shard: dict[str, Any], owned: list[int], found: dict[int, Any]) -> None:
+    name = f"shard {shard['shard_index']} of {shard['num_shards']} ({str(directory)!r})"
+    foreign = sorted(set(found) - set(owned))
+    if foreign:
+        raise ValueError(f"{name} holds prompt {foreign[0]}, which that shard does not build: not a shard's output.")
+    missing = sorted(set(owned) - set(found))
+    if missing:
+        raise ValueError(
+            f"{name} is not finished: {len(missing)} of its {len(owned)} prompts have no samples judged for good "
+            f"(the first: prompt {missing[0]}). Rerun that shard with the same command (it resumes), then merge."
+        )
 
 
 def _context_digest(context: str) -> str:
@@ -182,14 +352,55 @@ def _policy_prompt(prompt: Any, tokenizer: Any) -> Any:
     return prompt
 
 
-def _generate_group(model: Any, tokenizer: Any, prompt_ids: list[list[int]], args: BuildPairsArguments, first: int):
-    """k samples for each prompt of a group, in one generate call seeded by the group's first index."""
+def _prompt_seed(args: BuildPairsArguments, group: list[int], index: int) -> int:
+    """The seed a prompt's samples are drawn with: its group's (transformers) or its own, k apart (vLLM)."""
+    return args.seed + index * args.num_generations if args.use_vllm else args.seed + group[0]
+
+
+def _load_policy(args: BuildPairsArguments, llm: Any) -> dict[str, Any]:
+    if not args.use_vllm:
+        model, tokenizer = load_causal_lm(args.model, dtype=args.dtype, device=args.device, option="--model")
+        return {"model": model, "tokenizer": tokenizer}
+    if llm is None:
+        llm, tokenizer = load_vllm_policy(
+            args.model,
+            dtype=args.dtype,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=args.vllm_max_model_length,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            enforce_eager=args.vllm_enforce_eager,
+            enable_prefix_caching=args.vllm_enable_prefix_caching,
+        )
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    return {"llm": llm, "tokenizer": tokenizer, "eos": eos_token_ids(args.model, tokenizer)}
+
+
+def _generate_group(
+    policy: dict[str, Any], prompt_ids: list[list[int]], args: BuildPairsArguments, group: list[int]
+) -> list[list[dict[str, Any]]]:
+    """k samples for each prompt of `group` (`prompt_ids` in the same order): with transformers in one generate call
+    seeded by the group's first index; with vLLM each prompt from its own seed."""
+    if args.use_vllm:
+        return sample_responses_vllm(
+            policy["llm"],
+            policy["tokenizer"],
+            prompt_ids,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            seeds=[_prompt_seed(args, group, i) for i in group],
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_ids=policy["eos"],
+        )
     import torch
 
-    torch.manual_seed(args.seed + first)
+    torch.manual_seed(args.seed + group[0])
     return sample_responses(
-        model,
-        tokenizer,
+        policy["model"],
+        policy["tokenizer"],
         prompt_ids,
         num_generations=args.num_generations,
         max_completion_length=args.max_completion_length,
@@ -207,11 +418,13 @@ def _sample_and_judge(
     samples_path: Path,
     *,
     initial: int,
+    llm: Any = None,
 ) -> dict[str, int]:
     """Generate, judge and select for every group holding a prompt in `todo`; append one line per prompt."""
     from tqdm.auto import tqdm
 
-    model, tokenizer = load_causal_lm(args.model, dtype=args.dtype, device=args.device, option="--model")
+    policy = _load_policy(args, llm)
+    tokenizer = policy["tokenizer"]
     groups, prepared, position = prompt_groups(
         rows, todo, args.batch_size, tokenizer, max_prompt_length=args.max_prompt_length, **config.document_columns()
     )
@@ -225,8 +438,9 @@ def _sample_and_judge(
         ):
             for group in groups:
                 prompts = [prepared[position[i]] for i in group]
-                samples = _generate_group(model, tokenizer, [p["prompt_ids"] for p in prompts], args, group[0])
-                # Prompts of the group that are already done were regenerated only to keep the seed's stream.
+                samples = _generate_group(policy, [p["prompt_ids"] for p in prompts], args, group)
+                # Prompts of the group that are already done were regenerated only to keep what the group draws: the
+                # seed's stream (transformers), the batch vLLM computes (its numerics depend on the batch).
                 todo_here = [(i, prompts[j], samples[j]) for j, i in enumerate(group) if i in wanted]
                 before = reward.call_counts()
                 records, judgements = _judge_group(reward, config, args, tokenizer, rows, todo_here)
@@ -238,7 +452,7 @@ def _sample_and_judge(
                     output=samples_path,
                 )
                 for record in records:
-                    record["seed"] = args.seed + group[0]
+                    record["seed"] = _prompt_seed(args, group, record["index"])
                     sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                     counts["pairs" if record["selection"]["skip_reason"] is None else "skipped"] += 1
                 sink.flush()
@@ -303,8 +517,11 @@ def _completion(text: str, prompt: Any) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def _write_pairs(samples_path: Path, rows: Any, config: LongRewardConfig, out_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """Build the preference dataset from samples.jsonl (all runs) and write `pairs/` and `pairs.jsonl` atomically."""
+def _write_pairs(
+    samples_path: Path, rows: Any, columns: dict[str, str], out_dir: Path
+) -> tuple[Any, dict[str, Any]]:
+    """Build the preference dataset from samples.jsonl (all runs) and write `pairs/` and `pairs.jsonl` atomically;
+    `columns`: where rows hold the document (`LongRewardConfig.document_columns()`)."""
     import datasets
 
     pairs: list[dict[str, Any]] = []
@@ -317,7 +534,7 @@ def _write_pairs(samples_path: Path, rows: Any, config: LongRewardConfig, out_di
         if selection["skip_reason"] is not None:
             skipped[selection["skip_reason"]] += 1
             continue
-        context, question = row_document(rows[record["index"]], **config.document_columns(), index=record["index"])
+        context, question = row_document(rows[record["index"]], **columns, index=record["index"])
         prompt = record["prompt"]
         pairs.append(
             {

@@ -24,6 +24,11 @@ or one with a failed judge call (`judge_errors`), is judged again, its answered 
 judge refused for good, `permanent_judge_errors`, is not: the refusal is cached). A judge that
 answers no call of a batch stops the run before anything is written for it. Resuming with other generation settings or
 another input is refused.
+
+`--use_vllm` answers with an in-process `vllm.LLM` per model (sampled answers seeded per prompt, `seed + index`).
+On N machines, `--shard_index I --num_shards N` answers and judges the prompt groups g (of `batch_size` prompts) with
+g % N == I into that shard's `--output_dir`; `trl-longreward merge-shards --shards DIR_0 ... --output_dir OUT` then
+writes the answers, judgements and `results.json` one machine would.
 """
 
 from __future__ import annotations
@@ -37,12 +42,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..documents import check_prompt_columns, prompt_groups, row_document
-from ..generation import generate_answers
+from ..generation import check_vllm_options, eos_token_ids, generate_answers, load_vllm_policy, sample_responses_vllm
 from ..models import load_causal_lm
 from ..pairs import check_length_options
 from ..records import check_judge_answered, judge_error_dimensions, load_jsonl, load_rows, permanent_error_dimensions
 from ..reward import LongRewardConfig, LongRewardFunction
 from ..reward.reference import ReferenceRater
+from ..shards import (
+    MergeShardsArguments,
+    check_shard_options,
+    documents_digest,
+    judge_settings,
+    read_shards,
+    shard_prompts,
+    write_manifest,
+)
 from ..summaries import REFERENCE_SCORE, flat_scores, mean_scores, win_rate
 
 ANSWERS_FILE = "answers.jsonl"
@@ -89,6 +103,33 @@ class EvaluateArguments:
         default="auto", metadata={"help": "Model dtype: auto (the checkpoint's), float32, bfloat16 or float16."}
     )
     device: str | None = field(default=None, metadata={"help": "Model device; default cuda when available, else cpu."})
+    shard_index: int = field(
+        default=0, metadata={"help": "This machine's shard, 0 <= shard_index < num_shards (see merge-shards)."}
+    )
+    num_shards: int = field(
+        default=1, metadata={"help": "Machines sharing the input: shard I answers the prompt groups g with g % N == I."}
+    )
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Answer with an in-process vllm.LLM instead of transformers' generate."}
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Share of GPU memory the vLLM engine may take (use_vllm)."}
+    )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={"help": "vLLM context length (use_vllm); default the model's. Needs >= prompt + completion."},
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs the vLLM engine shards the model over."})
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "Run vLLM without CUDA graphs or compilation (use_vllm; faster start)."}
+    )
+    vllm_enable_prefix_caching: bool = field(
+        default=False,
+        metadata={
+            "help": "vLLM prefix caching (use_vllm): prefills shared prompt heads once, but answers then depend on "
+            "what the cache holds, so reruns and shards may give other ones."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
@@ -108,6 +149,15 @@ class EvaluateArguments:
             raise ValueError("--long_reward false leaves nothing to score: add --reference_column COLUMN.")
         if self.tie_margin < 0:
             raise ValueError("tie_margin must be >= 0.")
+        check_shard_options(self.shard_index, self.num_shards)
+        if self.use_vllm:
+            check_vllm_options(
+                gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                tensor_parallel_size=self.vllm_tensor_parallel_size,
+                max_model_length=self.vllm_max_model_length,
+                max_prompt_length=self.max_prompt_length,
+                max_completion_length=self.max_completion_length,
+            )
 
     def generation_settings(self) -> dict[str, Any]:
         """What decides an answer: resuming with other settings would mix answers of two protocols."""
@@ -118,6 +168,12 @@ class EvaluateArguments:
         }
         if self.do_sample:  # greedy answers do not depend on these
             settings.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed, batch_size=self.batch_size)
+        if self.use_vllm:  # another engine: other numerics, and other random streams
+            settings.update(
+                use_vllm=True,
+                vllm_enforce_eager=self.vllm_enforce_eager,
+                vllm_enable_prefix_caching=self.vllm_enable_prefix_caching,
+            )
         return settings
 
 
@@ -148,9 +204,12 @@ def format_results(results: dict[str, Any]) -> str:
 # ----- the command -----
 
 
-def evaluate_models(args: EvaluateArguments, config: LongRewardConfig) -> dict[str, Any]:
-    """Generate the missing answers, judge the unjudged ones, write `results.json`; return the results and what
-    this run did (new answers, new judgements, judge calls and cache hits)."""
+def evaluate_models(
+    args: EvaluateArguments, config: LongRewardConfig, *, llms: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Generate the missing answers, judge the unjudged ones (of this shard: `shard_index`, `num_shards`), write
+    `results.json`; return the results and what this run did (new answers, new judgements, judge calls and cache
+    hits). `llms`: already built `vllm.LLM`s by model name to answer with (`use_vllm`), e.g. to reuse an engine."""
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = _load_input(args, config)
@@ -158,31 +217,123 @@ def evaluate_models(args: EvaluateArguments, config: LongRewardConfig) -> dict[s
     references = [rows[i][args.reference_column] for i in range(len(rows))] if args.reference_column else None
     if config.cache_path is None:  # a copy: the caller's config is left as it was
         config = dataclasses.replace(config, cache_path=str(out / JUDGE_CACHE_FILE))
+    owned = shard_prompts(len(rows), args.batch_size, args.shard_index, args.num_shards)
+    spec = _results_spec(args, config)
 
     answers = _read_records(out / ANSWERS_FILE)
     _check_answers(answers, args, documents)
+    if args.num_shards > 1:
+        _check_shard_output(args, config, documents, owned, answers, out)
     new_answers = 0
     for name in args.model:
-        todo = [i for i in range(len(rows)) if (name, i) not in answers]
+        todo = [i for i in owned if (name, i) not in answers]
         if todo:
-            new_answers += _answer(name, args, config, rows, documents, todo, answers, out / ANSWERS_FILE)
+            llm = (llms or {}).get(name)
+            new_answers += _answer(name, args, config, rows, documents, todo, answers, out / ANSWERS_FILE, llm=llm)
 
     judged = _read_records(out / JUDGED_FILE)
     pending = [
         (name, i)
         for name in args.model
-        for i in range(len(rows))
-        if _needs_judging(judged.get((name, i)), answers[(name, i)], args, config)
+        for i in owned
+        if _needs_judging(judged.get((name, i)), answers[(name, i)], spec)
     ]
     judge_stats = {"judge_calls": 0, "cache_hits": 0, "parse_failures": 0, "judge_errors": 0}
     if pending:
         judge_stats = _judge(pending, args, config, documents, references, answers, judged, out / JUDGED_FILE)
 
-    results = _results(args, config, judged, len(rows))
+    results = _results(spec, judged, owned)
+    if args.num_shards > 1:
+        results["config"]["shard"] = {"shard_index": args.shard_index, "num_shards": args.num_shards}
+    _write_results(out, results)
+    return {**results, "run": {"new_answers": new_answers, "new_judgements": len(pending), **judge_stats}}
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
     tmp = out / (RESULTS_FILE + ".tmp")
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, out / RESULTS_FILE)
-    return {**results, "run": {"new_answers": new_answers, "new_judgements": len(pending), **judge_stats}}
+
+
+# ----- shards -----
+
+# Arguments that say where a shard runs and writes, not what it evaluates: shards of one run may differ in them.
+_PER_MACHINE = (
+    "input",
+    "output_dir",
+    "shard_index",
+    "num_shards",
+    "device",
+    "judge_batch_size",
+    "vllm_gpu_memory_utilization",
+    "vllm_max_model_length",
+    "vllm_tensor_parallel_size",
+)
+
+
+def _check_shard_output(
+    args: EvaluateArguments,
+    config: LongRewardConfig,
+    documents: list,
+    owned: list[int],
+    answers: dict[Key, dict[str, Any]],
+    out: Path,
+) -> None:
+    """A shard's output holds only its own prompts, and `shard.json` says which run it belongs to."""
+    foreign = sorted(i for name, i in answers if name in args.model and i not in set(owned))
+    if foreign:
+        raise ValueError(
+            f"{out / ANSWERS_FILE} holds prompt {foreign[0]}, which shard {args.shard_index} of {args.num_shards} does "
+            "not answer: it is the output of another shard or run. Use a new --output_dir for each shard."
+        )
+    manifest = {
+        "command": "evaluate",
+        "shard_index": args.shard_index,
+        "num_shards": args.num_shards,
+        "num_prompts": len(documents),
+        "input": None if args.input is None else str(Path(args.input).resolve()),
+        "input_sha256": documents_digest(documents),
+        "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in _PER_MACHINE},
+        "judge": judge_settings(config),
+        "results": _results_spec(args, config),
+    }
+    write_manifest(out, manifest)
+
+
+def merge_evaluation_shards(args: MergeShardsArguments) -> dict[str, Any]:
+    """The evaluation of a run sharded over N machines, as one machine writes it: every shard checked (each of its
+    prompts answered and judged by every model) and `answers.jsonl`, `judged.jsonl` (in one machine's order) and
+    `results.json` written to `args.output_dir`."""
+    shards = read_shards(args.shards)
+    manifest = shards[0][1]
+    spec, num_prompts = manifest["results"], manifest["num_prompts"]
+    answers: dict[Key, dict[str, Any]] = {}
+    judged: dict[Key, dict[str, Any]] = {}
+    for directory, shard in shards:
+        owned = shard_prompts(num_prompts, shard["settings"]["batch_size"], shard["shard_index"], shard["num_shards"])
+        name = f"shard {shard['shard_index']} of {shard['num_shards']} ({str(directory)!r})"
+        shard_answers = _read_records(directory / ANSWERS_FILE)
+        shard_judged = _read_records(directory / JUDGED_FILE)
+        for model in spec["models"]:
+            for index in owned:
+                answer, record = shard_answers.get((model, index)), shard_judged.get((model, index))
+                if answer is None or _needs_judging(record, answer, spec):
+                    raise ValueError(
+                        f"{name} is not finished: {model} has no judged answer to prompt {index}. Rerun that shard "
+                        "with the same command (it resumes), then merge."
+                    )
+                answers[(model, index)], judged[(model, index)] = answer, record
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    order = [(model, index) for model in spec["models"] for index in range(num_prompts)]
+    for filename, records in ((ANSWERS_FILE, answers), (JUDGED_FILE, judged)):
+        tmp = out / (filename + ".tmp")
+        with tmp.open("w", encoding="utf-8") as sink:
+            sink.writelines(json.dumps(records[key], ensure_ascii=False) + "\n" for key in order)
+        os.replace(tmp, out / filename)
+    results = _results(spec, judged, list(range(num_prompts)))
+    _write_results(out, results)
+    return results
 
 
 def _load_input(args: EvaluateArguments, config: LongRewardConfig) -> Any:
@@ -246,12 +397,13 @@ def _answer(
     todo: list[int],
     answers: dict[Key, dict[str, Any]],
     path: Path,
+    *,
+    llm: Any = None,
 ) -> int:
     """Generate `name`'s missing answers in fixed, seeded groups of `batch_size` prompts; append them to `path`."""
-    import torch
     from tqdm.auto import tqdm
 
-    model, tokenizer = load_causal_lm(name, dtype=args.dtype, device=args.device, option="--model")
+    generate, tokenizer = _answerer(name, args, llm)
     wanted = set(todo)
     # Groups never depend on what is done already, so a resumed sampled run draws the same answers.
     groups, prepared, position = prompt_groups(
@@ -265,17 +417,8 @@ def _answer(
             tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"generate {name}", unit="prompt") as bar,
         ):
             for group in groups:
-                torch.manual_seed(args.seed + group[0])
-                outputs = generate_answers(
-                    model,
-                    tokenizer,
-                    [prepared[position[i]]["prompt_ids"] for i in group],
-                    max_completion_length=args.max_completion_length,
-                    do_sample=args.do_sample,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    batch_size=len(group),
-                )
+                # the whole group, done prompts too: its seed's stream (transformers) or its batch (vLLM) is kept
+                outputs = generate([prepared[position[i]]["prompt_ids"] for i in group], group)
                 for index, output in zip(group, outputs, strict=True):
                     if index not in wanted:  # generated only to keep the group's random stream
                         continue
@@ -295,8 +438,64 @@ def _answer(
                 sink.flush()
                 bar.update(sum(1 for i in group if i in wanted))
     finally:
-        del model
+        del generate
     return written
+
+
+def _answerer(name: str, args: EvaluateArguments, llm: Any) -> tuple[Any, Any]:
+    """`generate(prompt_ids, indices) -> answers` for model `name`, and its tokenizer: transformers' generate seeded
+    by the group's first index, or vLLM (`llm`, else a new engine) seeded by each prompt's index."""
+    if args.use_vllm:
+        if llm is None:
+            llm, tokenizer = load_vllm_policy(
+                name,
+                dtype=args.dtype,
+                gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                max_model_length=args.vllm_max_model_length,
+                tensor_parallel_size=args.vllm_tensor_parallel_size,
+                enforce_eager=args.vllm_enforce_eager,
+                enable_prefix_caching=args.vllm_enable_prefix_caching,
+            )
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        eos = eos_token_ids(name, tokenizer)
+
+        def generate(prompt_ids: list[list[int]], indices: list[int]) -> list[dict[str, Any]]:
+            samples = sample_responses_vllm(
+                llm,
+                tokenizer,
+                prompt_ids,
+                num_generations=1,
+                max_completion_length=args.max_completion_length,
+                seeds=[args.seed + i for i in indices],
+                do_sample=args.do_sample,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                eos_token_ids=eos,
+            )
+            return [{**per_prompt[0], "text": per_prompt[0]["text"].strip()} for per_prompt in samples]
+
+        return generate, tokenizer
+    import torch
+
+    model, tokenizer = load_causal_lm(name, dtype=args.dtype, device=args.device, option="--model")
+
+    def generate(prompt_ids: list[list[int]], indices: list[int]) -> list[dict[str, Any]]:  # noqa: F811
+        torch.manual_seed(args.seed + indices[0])
+        return generate_answers(
+            model,
+            tokenizer,
+            prompt_ids,
+            max_completion_length=args.max_completion_length,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=len(prompt_ids),
+        )
+
+    return generate, tokenizer
 
 
 def _judge_identity(args: EvaluateArguments, config: LongRewardConfig) -> dict[str, Any]:
@@ -305,16 +504,29 @@ def _judge_identity(args: EvaluateArguments, config: LongRewardConfig) -> dict[s
     return {"backend": config.judge_backend, "model": config.judge_model, "dimensions": dimensions}
 
 
-def _needs_judging(
-    record: dict[str, Any] | None, answer: dict[str, Any], args: EvaluateArguments, config: LongRewardConfig
-) -> bool:
+def _results_spec(args: EvaluateArguments, config: LongRewardConfig) -> dict[str, Any]:
+    """What decides whether an answer is judged and what `results.json` shows (kept in a shard's manifest, so the
+    merge needs neither the models nor the judge)."""
+    return {
+        "models": list(args.model),
+        "input": args.input,
+        "generation": args.generation_settings(),
+        "judge": _judge_identity(args, config),
+        "long_reward": args.long_reward,
+        "reference_column": args.reference_column,
+        "tie_margin": args.tie_margin,
+    }
+
+
+def _needs_judging(record: dict[str, Any] | None, answer: dict[str, Any], spec: dict[str, Any]) -> bool:
     if record is None or record.get("answer") != answer["answer"]:
         return True
-    if record.get("judge") != _judge_identity(args, config):
+    if record.get("judge") != spec["judge"]:
         return True
-    if args.long_reward and ("reward" not in record or record.get("judge_errors")):
+    if spec["long_reward"] and ("reward" not in record or record.get("judge_errors")):
         return True  # never judged, or a judge call failed (the answered calls come from the cache)
-    return bool(args.reference_column) and (record.get("reference") or {}).get("column") != args.reference_column
+    column = spec["reference_column"]
+    return bool(column) and (record.get("reference") or {}).get("column") != column
 
 
 def _judge(
@@ -381,23 +593,25 @@ def _cost(reward: Any, rater: Any) -> dict[str, int]:
     return totals
 
 
-def _results(args: EvaluateArguments, config: LongRewardConfig, judged: dict, num_prompts: int) -> dict[str, Any]:
-    """The table (means per model), the win rates against the first model, and the configuration."""
-    columns = [*config.dimensions, "reward"] if args.long_reward else []
-    if args.reference_column:
+def _results(spec: dict[str, Any], judged: dict, indices: list[int]) -> dict[str, Any]:
+    """The table (means per model over the prompts `indices`), the win rates against the first model, and the
+    configuration (`spec`: `_results_spec`)."""
+    models, long_reward, reference_column = spec["models"], spec["long_reward"], spec["reference_column"]
+    columns = [*spec["judge"]["dimensions"], "reward"] if long_reward else []
+    if reference_column:
         columns.append(REFERENCE_SCORE)
-    per_model = {name: [flat_scores(judged[(name, i)]) for i in range(num_prompts)] for name in args.model}
+    per_model = {name: [flat_scores(judged[(name, i)]) for i in indices] for name in models}
     # The win rate compares the reward; in reference-only mode, the reference rating.
-    key = "reward" if args.long_reward else REFERENCE_SCORE
+    key = "reward" if long_reward else REFERENCE_SCORE
     table, wins, reference_wins = {}, {}, {}
-    baseline = per_model[args.model[0]]
+    baseline = per_model[models[0]]
     for name, rows in per_model.items():
         scored = sum(1 for row in rows if row.get(key) is not None)
-        table[name] = {**mean_scores(rows, columns), "scored": scored, "prompts": num_prompts}
-        if name == args.model[0]:
+        table[name] = {**mean_scores(rows, columns), "scored": scored, "prompts": len(indices)}
+        if name == models[0]:
             continue
-        wins[name] = win_rate([r.get(key) for r in rows], [b.get(key) for b in baseline], tie_margin=args.tie_margin)
-        if args.reference_column and args.long_reward:
+        wins[name] = win_rate([r.get(key) for r in rows], [b.get(key) for b in baseline], tie_margin=spec["tie_margin"])
+        if reference_column and long_reward:
             reference_wins[name] = win_rate(
                 [r.get(REFERENCE_SCORE) for r in rows], [b.get(REFERENCE_SCORE) for b in baseline]
             )
@@ -405,12 +619,12 @@ def _results(args: EvaluateArguments, config: LongRewardConfig, judged: dict, nu
     if reference_wins:
         results["reference_win_rates"] = reference_wins
     results["config"] = {
-        "models": list(args.model),
-        "input": args.input or "bundled long-context QA, eval split",
-        "prompts": num_prompts,
-        "generation": args.generation_settings(),
-        "judge": _judge_identity(args, config),
-        "reference_column": args.reference_column,
-        "tie_margin": args.tie_margin,
+        "models": list(models),
+        "input": spec["input"] or "bundled long-context QA, eval split",
+        "prompts": len(indices),
+        "generation": spec["generation"],
+        "judge": spec["judge"],
+        "reference_column": reference_column,
+        "tie_margin": spec["tie_margin"],
     }
     return results
