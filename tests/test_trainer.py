@@ -273,8 +273,11 @@ def test_gradient_accumulation(model_path, tmp_path, judge_server):
 
 
 class RecordingVLLMGeneration:
-    """Stands in for `trl.generation.VLLMGeneration` (vLLM needs a GPU): same `generate`/`sync_weights` contract,
-    answers with token ids drawn from the prompt, and records what the trainer asked for."""
+    """Stands in for `trl.generation.VLLMGeneration` in the main environment (which has no vLLM; the real engine runs
+    in tests/test_vllm_inprocess.py): same `generate`/`sync_weights` contract, answers with token ids drawn from the
+    prompt, and records what the trainer asked for. Server mode: the weights go through TRL's own `sync_weights`."""
+
+    mode = "server"
 
     def __init__(self, eos_token_id: int):
         self.eos_token_id = eos_token_id

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from servers import run_in_process_group
 
 __all__ = ["REPO_ROOT", "SCRIPTS", "run_vllm_script", "vllm_env", "vllm_python"]
