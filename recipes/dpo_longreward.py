@@ -15,10 +15,10 @@ How it deviates from the paper:
 - The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), answers of at most 48
   tokens, English rows only, learning rate 5e-6 (paper: 1e-6; a few steps would barely move the weights), small judge
   budgets and 1024-token notes chunks for completeness (paper: 4096), so that it finishes on a CPU. SmolLM2-135M is a
-  very weak judge: it rarely ends an answer with the `[[N]]` verdict, so an answer without one is continued after the
-  verdict cue of the prompt's examples for a few greedy tokens (`verdict_followup`; paper: re-sample the whole
-  answer), its verdicts are also read in the forms it writes (`verdict_parsing: lenient`; paper: strict), one sampled
-  try is made per call (paper: up to 5), and an answer counts as scored when any dimension is
+  very weak judge: it rarely ends an answer with the `[[N]]` verdict, so its decoding is constrained to end in one
+  (`verdict_decoding: structured`; paper: free text, parsed), it lists the statements of a response as a numbered list
+  rather than in `<statement>` tags, which is read too (`verdict_parsing: lenient`; paper: strict), one sampled try
+  is made per call (paper: up to 5), and an answer counts as scored when any dimension is
   (`max_missing_dimensions: 3`; paper: all four). Its scores are noise; the demo shows the machinery, not a judge.
 - The prompts, score clipping, caching and failure handling deviate as listed in docs/deviations.md.
 
@@ -104,11 +104,12 @@ DEMO_DEFAULTS: dict[str, Any] = {
         # One sampled try per judge call (paper: greedy first, up to 5 tries): a try costs seconds on 2 cores.
         "max_attempts": 1,
         "first_temperature": 0.95,
-        # SmolLM2 rarely ends its answer with the paper's "[[6]]": its answer is continued greedily after the verdict
-        # cue of the prompt's worked examples ("Score: [[", a few tokens; a deviation, see
-        # LongRewardConfig.verdict_followup), and its verdicts are also read in the forms it writes instead
-        # ("Score: 6", "Output [10]"; verdict_parsing: lenient, a deviation). Without them no pair forms.
-        "verdict_followup": True,
+        # SmolLM2 rarely ends its answer with the paper's "[[6]]" (without help no pair forms): structured decoding
+        # lets it reason freely, then makes the answer end in a verdict, forcing the prompt's "Score: [[" line when
+        # the budget runs out (a deviation, see LongRewardConfig.verdict_decoding), so every verdict reads strictly
+        # and no follow-up call is needed. Its statement lists stay free and come as numbered lists, not the paper's
+        # <statement> tags: lenient parsing reads them (a deviation).
+        "verdict_decoding": "structured",
         "verdict_parsing": "lenient",
         "score_max_tokens": 32,
         "break_max_tokens": 64,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,8 @@ SMALL_RUN = [
     "--long_reward", json.dumps({
         "judge_backend": "transformers", "max_attempts": 1, "score_max_tokens": 24, "break_max_tokens": 48,
         "check_max_tokens": 16, "extract_max_tokens": 24, "max_statements": 1, "max_missing_dimensions": 3,
-        "retriever": "bm25", "completeness_chunk_tokens": 1024, "verdict_followup": True, "verdict_parsing": "lenient",
+        "retriever": "bm25", "completeness_chunk_tokens": 1024, "verdict_decoding": "structured",
+        "verdict_parsing": "lenient",
     }),
 ]  # fmt: skip
 
@@ -310,9 +312,15 @@ def test_recipe_entry_point_trains_saves_and_writes_the_report(tmp_path):
     assert "Report:" in result.stdout + result.stderr
     records = _check_outputs(out)
     assert {r["rank"] for r in records} == {0}
-    # SmolLM2 rarely ends an answer with a verdict; continued after "Score: [[" (verdict_followup) it gives one
+    # SmolLM2 rarely ends an answer with a verdict; structured decoding makes every verdict call's one answer end in
+    # one the strict parser reads (no follow-up call), so every sample has a reward
     samples = [sample for record in records for sample in record["samples"]]
-    assert any(sample["reward"] is not None for sample in samples), [s["trace"] for s in samples]
+    assert all(sample["reward"] is not None for sample in samples), [s["trace"] for s in samples]
+    for sample in samples:
+        for name in ("helpfulness", "logicality"):
+            outputs = sample["trace"][name]["call"]["judge_outputs"]
+            assert sample["status"][name] == "ok" and len(outputs) == 1, sample["trace"][name]
+            assert re.search(r"\[\[(10|[0-9])\]\]$", outputs[0]), outputs[0]
     # the demo's LongRewardCallback judged a held-out prompt before and after training; the report plots it
     held_out = [json.loads(line) for line in (out / "long_reward_eval.jsonl").read_text().splitlines()]
     assert sorted({r["step"] for r in held_out}) == [0, 1]

@@ -33,6 +33,10 @@ def test_vllm_judge_from_the_config_scores_every_row(tmp_path: Path) -> None:
     assert result["continued"] != result["fresh"]
     assert result["too_long_error"] is not None and "more than the judge's window" in result["too_long_error"]
     assert {"engine", "config", "chat_template"} <= set(result["identity_keys"])
+    # verdict_decoding="structured" through vLLM's StructuredOutputsParams: strict parsing reads every verdict.
+    assert result["structured_counts"]["parse_failures"] == 0, result["structured_counts"]
+    assert result["structured_counts"]["judge_errors"] == 0
+    assert all(r is not None for r in result["structured_rewards"])
     print(f"vLLM engine built in {result['built_s']:.0f} s, 4 rows judged in {result['scored_s']:.0f} s")
 
 

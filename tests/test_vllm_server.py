@@ -11,17 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from tiny_models import JudgedSteps, small_dpo_config, tiny_llama
 from tiny_models import prompts_dataset as _dataset
 from vllm_env import vllm_python
 
 from trl_longreward import DIMENSIONS, LongContextDPOTrainer, LongRewardFunction
-from trl_longreward.judges.base import ChatRequest
+from trl_longreward.judges.base import ChatRequest, VerdictConstraint
 from trl_longreward.judges.openai_judge import OpenAIJudge
 from trl_longreward.judges.vllm_server import VLLMServer
 from trl_longreward.models import default_model_path
@@ -196,3 +198,67 @@ def test_dpo_step_with_the_vllm_judge(vllm_server: VLLMServer, tmp_path: Path) -
     assert logged and logged[-1]["long_reward/judge_calls"] > 0, trainer.state.log_history
     assert judged.steps and all(len(step.rewards) > 0 for step in judged.steps)
     print(json.dumps(logged[-1], default=str)[:2000])
+
+
+def test_structured_verdicts_through_the_server(
+    vllm_server: VLLMServer, demo_rows: list[dict[str, Any]], tmp_path: Path
+):
+    """`verdict_decoding="structured"` against vLLM's own grammar engine (`structured_outputs` with a regex): a
+    constrained answer ends in a valid verdict, and with the paper's strict parsing (no lenient reading) every verdict
+    of every row parses; answers cut off by their token budget are completed by the follow-up, itself constrained to
+    the verdict."""
+    # The grammar forbids the end of the answer before the verdict: an answer that stops ends in one; only the token
+    # budget can cut an answer short (finish_reason "length"), which the follow-up then completes.
+    constraint = VerdictConstraint(choices=tuple(str(n) for n in range(11)), cue="Rating: ")
+    client = openai.OpenAI(base_url=vllm_server.base_url, api_key="EMPTY", max_retries=0, timeout=300)
+    finished = []
+    try:
+        for question in ("What is 2 + 2?", "Which city is the capital of France?", "Name a primary colour."):
+            completion = client.chat.completions.create(
+                model=SERVED_NAME,
+                messages=[
+                    {"role": "user", "content": f"Answer, then rate your answer from 0 to 10 as [[N]]. {question}"}
+                ],
+                max_tokens=64,
+                temperature=0.0,
+                extra_body={"structured_outputs": {"regex": constraint.regex()}},
+            )
+            choice = completion.choices[0]
+            free = client.chat.completions.create(
+                model=SERVED_NAME,
+                messages=[
+                    {"role": "user", "content": f"Answer, then rate your answer from 0 to 10 as [[N]]. {question}"}
+                ],
+                max_tokens=64,
+                temperature=0.0,
+            ).choices[0]
+            finished.append((choice.finish_reason, choice.message.content, free.finish_reason, free.message.content))
+    finally:
+        client.close()
+    verdict_at_end = re.compile(r"\[\[(10|[0-9])\]\]$")
+    for reason, text, _, _ in finished:
+        assert reason in ("stop", "length"), finished
+        if reason == "stop":
+            assert verdict_at_end.search(text), text
+    # Free decoding lets this judge end its answer without any verdict; the grammar never does.
+    assert any(
+        free_reason == "stop" and not verdict_at_end.search(free_text) for _, _, free_reason, free_text in finished
+    )
+    print("structured vs free:", [(r, t[-20:], fr, ft[-20:]) for r, t, fr, ft in finished])
+
+    settings = {**JUDGE_SETTINGS, "verdict_parsing": "strict", "verdict_decoding": "structured"}
+    reward = LongRewardFunction(
+        judge_base_url=vllm_server.base_url,
+        judge_model=SERVED_NAME,
+        cache_path=str(tmp_path / "cache.sqlite"),
+        **settings,
+    )
+    try:
+        judgements = _score(reward, demo_rows)
+        counts = reward.call_counts()
+    finally:
+        reward.close()
+    assert counts["judge_errors"] == 0, counts
+    assert counts["parse_failures"] == 0, counts
+    assert all(j.reward is not None for j in judgements), [j.status for j in judgements]
+    print(f"structured, strict parsing: {counts['judge_calls']} calls, {counts['verdict_followups']} follow-ups")

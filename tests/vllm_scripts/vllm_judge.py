@@ -62,6 +62,20 @@ def main(model_dir: str, rows_path: str, cache_path: str) -> dict:
         ]
     )
     identity = judge.cache_identity()
+    # Structured verdicts on the same engine (vLLM's StructuredOutputsParams), the paper's strict parsing: every
+    # verdict parses (an answer cut by its budget is completed by the follow-up, constrained to the verdict too).
+    import dataclasses
+
+    structured = LongRewardFunction(
+        dataclasses.replace(config, verdict_decoding="structured", verdict_parsing="strict", cache_path=None),
+        judge=judge,
+    )
+    structured_judgements = structured.score(
+        completions=[r["response"] for r in rows[:2]],
+        context=[r["context"] for r in rows[:2]],
+        question=[r["question"] for r in rows[:2]],
+    )
+    structured_counts = structured.call_counts()
     reward.close()
     return {
         "engine": {
@@ -79,6 +93,8 @@ def main(model_dir: str, rows_path: str, cache_path: str) -> dict:
         "fresh": fresh,
         "too_long_error": str(too_long) if isinstance(too_long, JudgeError) else None,
         "identity_keys": sorted(identity),
+        "structured_counts": structured_counts,
+        "structured_rewards": [j.reward for j in structured_judgements],
         "built_s": built_s,
         "scored_s": scored_s,
     }

@@ -4,12 +4,15 @@
     trl-longreward build-pairs --model SFT_MODEL --input prompts.jsonl --output_dir pairs_out --judge_base_url URL ...
     trl-longreward evaluate --model SFT_MODEL DPO_MODEL --output_dir eval_out --judge_base_url URL ...
     trl-longreward merge-shards --shards shard_0 shard_1 --output_dir merged_out
+    trl-longreward agreement --input pairs.jsonl --output_dir agreement_out --judge_base_url URL ...
 
 `score` judges (context, question, response) rows (`commands/score.py`); `build-pairs` is the paper's offline
 pipeline, k sampled responses per prompt judged and paired into a DPO dataset (`commands/build_pairs.py`);
 `evaluate` answers a long-context QA set with each model and compares their LongReward (`commands/evaluate.py`).
 `build-pairs` and `evaluate` split over N machines with `--shard_index I --num_shards N`; `merge-shards` joins the
 shards' outputs into what one machine writes (the merge of each command lives in that command's module).
+`agreement` measures how often LongReward, per judge and per dimension, prefers the answer people preferred
+(`commands/agreement.py`).
 All are resumable: finished rows are skipped and every judge call already paid for comes from the judge-call cache.
 """
 
@@ -31,9 +34,11 @@ commands:
                  trl-longreward evaluate --model PATH [PATH ...] --output_dir DIR [options]
   merge-shards join the outputs of a build-pairs or evaluate run split with --shard_index/--num_shards:
                  trl-longreward merge-shards --shards DIR [DIR ...] --output_dir DIR [--input FILE]
+  agreement    how often LongReward (per judge, per dimension) prefers the answer people preferred:
+                 trl-longreward agreement --output_dir DIR [--input FILE] [--judge_model A B ...] [options]
 
 `trl-longreward COMMAND --help` lists the options of a command (the judge's included)."""
-COMMANDS = ("score", "build-pairs", "evaluate", "merge-shards")
+COMMANDS = ("score", "build-pairs", "evaluate", "merge-shards", "agreement")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,6 +89,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     elif command == "merge-shards":
         return _merge_shards(HfArgumentParser, rest)
+    elif command == "agreement":
+        return _agreement(HfArgumentParser, LongRewardConfig, rest)
     else:
         print(f"trl-longreward: unknown command {command!r}; available: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
@@ -108,6 +115,24 @@ def _merge_shards(parser_class: type, rest: list[str]) -> int:
     from .build_pairs import merge_pair_shards
 
     print(json.dumps(merge_pair_shards(merge_args), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _agreement(parser_class: type, config_class: type, rest: list[str]) -> int:
+    """`agreement`: several `--judge_model` / `--judge_base_url` values are several judges, side by side."""
+    from ..reward.agreement_table import format_results
+    from .agreement import RESULTS_FILE, AgreementArguments, judge_configs, run_agreement, split_judge_flags
+
+    rest, models, urls = split_judge_flags(rest)
+    parser = parser_class((AgreementArguments, config_class), prog="trl-longreward agreement")
+    args, config = parser.parse_args_into_dataclasses(rest)
+    results = run_agreement(args, judge_configs(config, models, urls))
+    print(format_results(results))
+    calls, hits, failures = (sum(c.get(k, 0) for c in results["run"].values()) for k in ("judge_calls", "cache_hits",
+                             "parse_failures"))  # fmt: skip
+    rate = f", parse rate {(calls - failures) / calls:.3f}" if calls else ""
+    print(f"this run: {calls} judge calls, {hits} cache hits, {failures} parse failures{rate}")
+    print(f"results: {Path(args.output_dir) / RESULTS_FILE}")
     return 0
 
 

@@ -14,6 +14,7 @@ __all__ = [
     "LONGQA_COLUMNS",
     "LONGQA_FIELDS",
     "LONGQA_SPLITS",
+    "agreement_demo_path",
     "demo_score_path",
     "load_long_qa",
     "long_qa_path",
@@ -27,6 +28,13 @@ LONGQA_FIELDS = ("id", "context", "question", "answer", "source", "language")
 """Every field of the bundled long-context QA rows, in file order."""
 
 LONGQA_SPLITS = ("train", "eval")
+
+
+def agreement_demo_path() -> Path:
+    """JSONL of labelled answer pairs (`context`, `question`, `response_a`, `response_b`, `preferred`) for
+    `trl-longreward agreement`: short invented documents, a faithful complete answer against an incomplete, an
+    evasive or an invented one."""
+    return Path(str(resources.files("trl_longreward.data").joinpath("agreement_demo.jsonl")))
 
 
 def demo_score_path() -> Path:

@@ -21,17 +21,52 @@ Message = dict[str, str]
 
 
 @dataclass(frozen=True)
+class VerdictConstraint:
+    """Structured verdict decoding: the answer must END with `[[choice]]`, one of `choices`; what comes before it (the
+    judge's reasoning) is free.
+
+    `cue` is what a backend that forces the verdict itself (the transformers judge, when the budget runs out) writes
+    before `[[`: the verdict line of the prompt's examples. `opened`: the request continues an answer that already ends
+    with the opening `[[` (a verdict follow-up), so the answer is only `choice]]`. Backends with a grammar engine take
+    `regex()` (vLLM's `structured_outputs`).
+    """
+
+    choices: tuple[str, ...]
+    cue: str = "\n\n"
+    opened: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.choices or any(not c or "[" in c or "]" in c for c in self.choices):
+            raise ValueError(f"VerdictConstraint needs non-empty choices without brackets, got {self.choices!r}.")
+
+    def regex(self) -> str:
+        """The whole answer as a regular expression: free text, then the verdict (only the verdict when `opened`)."""
+        # Longest first: a regex engine that takes the first alternative that matches never stops at "1" of "10".
+        alternatives = "|".join(_regex_escape(c) for c in sorted(self.choices, key=len, reverse=True))
+        verdict = rf"(?:{alternatives})\]\]"
+        return verdict if self.opened else rf"[\s\S]*\[\[{verdict}"
+
+
+def _regex_escape(text: str) -> str:
+    """Escape the regex metacharacters only (`re.escape` also escapes spaces, which not every grammar engine reads)."""
+    return "".join("\\" + ch if ch in ".^$*+?{}[]\\|()" else ch for ch in text)
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     """One judge call: a chat conversation and how to sample the answer.
 
     When the last message is the assistant's, the judge CONTINUES that message (a prefilled answer, e.g. a verdict
     cue after the judge's own analysis) instead of opening a new assistant turn; see `continues_final_message`.
+    `verdict` (structured verdict decoding, `LongRewardConfig.verdict_decoding`): the answer must end with that
+    verdict; None leaves the answer free.
     """
 
     messages: tuple[Message, ...]
     temperature: float = 0.0
     max_tokens: int = 512
     top_p: float = 1.0
+    verdict: VerdictConstraint | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str, **sampling) -> ChatRequest:
@@ -47,7 +82,10 @@ class ChatRequest:
 
     def fingerprint(self) -> str:
         """A stable hash of the request (messages and sampling), part of the judge-call cache key."""
-        payload = json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
+        fields = asdict(self)
+        if fields["verdict"] is None:  # free decoding keeps the keys it always had
+            del fields["verdict"]
+        payload = json.dumps(fields, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

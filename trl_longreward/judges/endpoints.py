@@ -12,19 +12,50 @@ Rules:
 - when every replica is out of rotation, a fresh call is still sent (to the one due back first), so a lone judge that
   comes back is used again at once; a call that already failed somewhere and finds only replicas out of rotation
   fails. Every call therefore makes at most one attempt per replica: its time is bounded.
+
+Prefix affinity (`affinity=True`, the default): a call made inside `dispatch_affinity(key)` goes to the replica that
+key was first sent to (its *home*), while that replica is in rotation and has room, so that calls sharing a long
+prompt prefix (the reward gives one key to one prompt's calls of one template) meet that replica's prefix cache. A
+key's first call takes the least-loaded replica, which becomes its home; when the home is full the call goes to the
+least-loaded other replica (the home stays); when the home is out of rotation the least-loaded replica becomes the new
+home. Calls without a key, and retries after a failure, are dispatched least-loaded as above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 _EXAMPLE = "http://127.0.0.1:8000/v1"
+_MAX_HOMES = 4096  # affinity keys remembered (least recently used forgotten first)
+
+# The affinity key of the judge calls made in this context (see `dispatch_affinity`).
+_AFFINITY: ContextVar[str | None] = ContextVar("trl_longreward_dispatch_affinity", default=None)
+
+
+@contextmanager
+def dispatch_affinity(key: str | None) -> Iterator[None]:
+    """Give the judge calls awaited in this block (and tasks started in it) the affinity key `key`: with several
+    replicas, calls with the same key go to the same replica while it is healthy and has room (see the module
+    docstring). None: no preference."""
+    token = _AFFINITY.set(key)
+    try:
+        yield
+    finally:
+        _AFFINITY.reset(token)
+
+
+def current_affinity() -> str | None:
+    """The affinity key of the running judge call, if any."""
+    return _AFFINITY.get()
 
 
 def parse_base_urls(value: str | Sequence[str] | None, *, name: str = "judge_base_url") -> list[str]:
@@ -87,6 +118,7 @@ class Endpoint:
     in_flight: int = 0
     max_in_flight: int = 0
     calls: int = 0
+    affine_calls: int = 0  # calls sent here because this replica is their affinity key's home
     failures: int = 0
     times_taken_out: int = 0
     out_since: float | None = None  # when it left rotation; None while in rotation
@@ -111,6 +143,7 @@ class Endpoint:
             "base_url": redact_url(self.url),
             "in_rotation": self.in_rotation,
             "calls": self.calls,
+            "affine_calls": self.affine_calls,
             "failures": self.failures,
             "times_taken_out": self.times_taken_out,
             "seconds_out_of_rotation": round(self.seconds_out + current, 3),
@@ -132,13 +165,15 @@ class Dispatch:
 class _Waiter:
     tried: frozenset[int]
     future: asyncio.Future
+    affinity: str | None = None
 
 
 _WAIT = object()
 
 
 class EndpointPool:
-    """Least-loaded, health-aware dispatch of judge calls over endpoints (see the module docstring).
+    """Least-loaded, health-aware dispatch of judge calls over endpoints, with prefix affinity (see the module
+    docstring; `affinity=False`: least-loaded only).
 
     All methods run on one event loop (the judge's own, see `loops.JudgeLoop`); state changes need no lock, and a
     call from a second loop while the first one still has calls in flight or waiting raises `RuntimeError` (its
@@ -146,7 +181,13 @@ class EndpointPool:
     """
 
     def __init__(
-        self, urls: Sequence[str], *, limit: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+        self,
+        urls: Sequence[str],
+        *,
+        limit: int,
+        cooldown: float,
+        affinity: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not urls:
             raise ValueError(f"EndpointPool needs at least one URL, e.g. {_EXAMPLE}.")
@@ -156,15 +197,18 @@ class EndpointPool:
             raise ValueError(f"The endpoint cool-down must be >= 0 seconds, got {cooldown}.")
         self.endpoints = [Endpoint(index=i, url=url, limit=limit) for i, url in enumerate(urls)]
         self.cooldown = cooldown
+        self.affinity = affinity
         self.clock = clock
+        self._homes: OrderedDict[str, int] = OrderedDict()  # affinity key -> its home endpoint's index
         self._waiters: deque[_Waiter] = deque()
         self._dispatches = 0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ----- choosing -----
 
-    def _choose(self, tried: frozenset[int], now: float) -> Endpoint | None | object:
-        """An endpoint with room for a call that tried `tried`, `_WAIT` to wait for room, None to give up."""
+    def _choose(self, tried: frozenset[int], now: float, affinity: str | None = None) -> Endpoint | None | object:
+        """An endpoint with room for a call that tried `tried` (with affinity key `affinity`), `_WAIT` to wait for
+        room, None to give up."""
         untried = [e for e in self.endpoints if e.index not in tried]
         if not untried:
             return None
@@ -179,7 +223,26 @@ class EndpointPool:
         free = [e for e in usable if e.in_flight < e.capacity(now, forced=False)]
         if not free:
             return _WAIT
+        if self.affinity and affinity is not None and not tried:
+            return self._affine(affinity, free)
         return min(free, key=lambda e: (e.in_flight, e.last_dispatch))
+
+    def _affine(self, key: str, free: list[Endpoint]) -> Endpoint:
+        """The key's home when it is in rotation and has room, else the least-loaded free endpoint (which becomes
+        the key's home when it had none or its home is out of rotation)."""
+        index = self._homes.get(key)
+        home = self.endpoints[index] if index is not None else None
+        if home is not None:
+            self._homes.move_to_end(key)
+            if home.in_rotation and home in free:
+                home.affine_calls += 1
+                return home
+        chosen = min(free, key=lambda e: (e.in_flight, e.last_dispatch))
+        if home is None or not home.in_rotation:
+            self._homes[key] = chosen.index
+            while len(self._homes) > _MAX_HOMES:
+                self._homes.popitem(last=False)
+        return chosen
 
     def _take(self, endpoint: Endpoint, now: float) -> Dispatch:
         self._dispatches += 1
@@ -190,18 +253,19 @@ class EndpointPool:
         probe = not endpoint.in_rotation and any(e.in_rotation for e in self.endpoints)
         return Dispatch(endpoint=endpoint, started=now, probe=probe)
 
-    async def acquire(self, tried: frozenset[int] = frozenset()) -> Dispatch | None:
-        """A slot on the best endpoint this call has not tried, waiting for room if need be; None when the call
-        should give up (it tried every endpoint, or every endpoint it has not tried is out of rotation)."""
+    async def acquire(self, tried: frozenset[int] = frozenset(), *, affinity: str | None = None) -> Dispatch | None:
+        """A slot on the best endpoint this call has not tried (its affinity key's home when it can take it),
+        waiting for room if need be; None when the call should give up (it tried every endpoint, or every endpoint
+        it has not tried is out of rotation)."""
         self._bind(asyncio.get_running_loop())
         now = self.clock()
         if not self._waiters:  # first come first served: never overtake a waiting call
-            choice = self._choose(tried, now)
+            choice = self._choose(tried, now, affinity)
             if choice is None:
                 return None
             if choice is not _WAIT:
                 return self._take(choice, now)  # type: ignore[arg-type]
-        waiter = _Waiter(tried, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(tried, asyncio.get_running_loop().create_future(), affinity)
         self._waiters.append(waiter)
         self._wake()
         try:
@@ -219,7 +283,7 @@ class EndpointPool:
             waiter = self._waiters.popleft()
             if waiter.future.done():
                 continue
-            choice = self._choose(waiter.tried, now)
+            choice = self._choose(waiter.tried, now, waiter.affinity)
             if choice is _WAIT:
                 kept.append(waiter)
                 if not full_scan and not self._has_room(now):
@@ -282,7 +346,7 @@ class EndpointPool:
         except RuntimeError:
             return
         # A small margin so the clock has certainly passed `back_at` when the waiting calls are looked at again.
-        loop.call_later(delay + 0.001, self._wake, True)
+        loop.call_later(delay + 0.001, functools.partial(self._wake, full_scan=True))
 
     def stats(self) -> list[dict[str, Any]]:
         """Per endpoint: URL (without credentials), in rotation or not, calls, failures, times taken out, seconds out

@@ -1,7 +1,8 @@
 """A judge behind any OpenAI-compatible chat endpoint: `vllm serve`, `transformers serve`, hosted APIs.
 
 One judge may stand for several identical replicas (one `vllm serve` per GPU node): each call goes to the least-loaded
-replica in rotation, and a replica that fails is taken out for a cool-down (see `endpoints.EndpointPool`).
+replica in rotation, or to its affinity key's replica (calls sharing a long prompt prefix, so that the replica's prefix
+cache serves them), and a replica that fails is taken out for a cool-down (see `endpoints.EndpointPool`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .base import (
     record_requests,
 )
 from .cache import CONTEXT_LIMITS
-from .endpoints import Dispatch, EndpointPool, parse_base_urls, redact_url
+from .endpoints import Dispatch, EndpointPool, current_affinity, parse_base_urls, redact_url
 from .loops import JudgeLoop
 
 
@@ -60,6 +61,10 @@ class OpenAIJudge(Judge):
             completeness notes.
         fingerprint: a name for the served model's state (`judge_fingerprint`); when set, it stands for the server's
             own report of what it serves in cache keys (see below).
+        affinity: prefix-affine dispatch over several replicas: calls made inside `endpoints.dispatch_affinity(key)`
+            (the reward gives one key to the calls of one prompt and template, which share a long prefix) go to the
+            same replica while it is in rotation and has room, so its prefix cache serves them; False: least-loaded
+            dispatch only. No effect with one endpoint; never part of the cache identity.
 
     Transport failures (429 honouring `Retry-After`, 5xx, timeouts, dropped connections) are retried by the client
     itself with exponential backoff; a 200 whose body is not JSON is retried here. Both draw on one budget of
@@ -107,8 +112,10 @@ class OpenAIJudge(Judge):
         endpoint_cooldown: float = 30.0,
         context_window: int | None = None,
         fingerprint: str | None = None,
+        affinity: bool = True,
     ) -> None:
         super().__init__()
+        self.affinity = affinity
         self.fingerprint = fingerprint
         self._served = _ServedModels()
         if context_window is not None and context_window < 1:
@@ -156,7 +163,9 @@ class OpenAIJudge(Judge):
             raise ValueError("OpenAIJudge needs base_url, e.g. http://127.0.0.1:8000/v1 (a `vllm serve` endpoint).")
         old = getattr(self, "_pool", None)
         self._retired = [e.client for e in old.endpoints if e.client is not None] if old is not None else []
-        self._pool = EndpointPool(urls, limit=self.max_concurrency, cooldown=self.endpoint_cooldown)
+        self._pool = EndpointPool(
+            urls, limit=self.max_concurrency, cooldown=self.endpoint_cooldown, affinity=self.affinity
+        )
         self._loop = None
 
     def endpoint_stats(self) -> list[dict[str, Any]]:
@@ -192,7 +201,7 @@ class OpenAIJudge(Judge):
         tried: set[int] = set()
         errors: list[str] = []
         while True:
-            dispatch = await pool.acquire(frozenset(tried))
+            dispatch = await pool.acquire(frozenset(tried), affinity=current_affinity())
             if dispatch is None:
                 self.stats.add(requests=1, failures=1)
                 if len(errors) == 1:
@@ -477,7 +486,9 @@ class OpenAIJudge(Judge):
     def __getstate__(self) -> dict:
         # Clients (they hold the key) and loop-bound state stay behind; health and counters travel.
         state = self.__dict__.copy()
-        pool = EndpointPool(self.base_urls, limit=self.max_concurrency, cooldown=self.endpoint_cooldown)
+        pool = EndpointPool(
+            self.base_urls, limit=self.max_concurrency, cooldown=self.endpoint_cooldown, affinity=self.affinity
+        )
         for mine, theirs in zip(self._pool.endpoints, pool.endpoints, strict=True):
             theirs.__dict__.update({k: v for k, v in vars(mine).items() if k not in ("client", "in_flight")})
         state.update(_pool=pool, _retired=[], _loop=None)
@@ -486,10 +497,14 @@ class OpenAIJudge(Judge):
 
 def _extra_body(extra: dict | None, request: ChatRequest) -> dict | None:
     """The request's extra JSON fields: the judge's own, plus vLLM's continuation flags when the request continues a
-    final assistant message (`ChatRequest.continues_final_message`)."""
-    if not request.continues_final_message:
-        return extra
-    return {**(extra or {}), "continue_final_message": True, "add_generation_prompt": False}
+    final assistant message (`ChatRequest.continues_final_message`), plus vLLM's `structured_outputs` regular
+    expression when the request's verdict is constrained (`ChatRequest.verdict`, vLLM >= 0.12's field name)."""
+    body = dict(extra or {})
+    if request.continues_final_message:
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    if request.verdict is not None:
+        body["structured_outputs"] = {"regex": request.verdict.regex()}
+    return body or extra
 
 
 # `extra_body` fields that name the caller and cannot change an answer: not part of the cache identity.

@@ -214,6 +214,8 @@ class TransformersJudge(BatchingJudge):
             extra["stopping_criteria"] = _row_budgets(budgets, width)
         if cache is not None:
             extra["past_key_values"] = cache
+        if any(request.verdict is not None for request in requests):
+            extra["logits_processor"] = self._verdict_processor(requests, budgets, width)
 
         device = self.model.device
         self._batches += 1
@@ -229,6 +231,20 @@ class TransformersJudge(BatchingJudge):
         self.stats.add(completion_tokens=sum(len(row) for row in rows))
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         return [text.strip() for text in texts]
+
+    def _verdict_processor(self, requests: list[ChatRequest], budgets: list[int], width: int) -> Any:
+        """Structured verdicts (`ChatRequest.verdict`): a logits processor that ends each constrained answer in its
+        verdict (`judges/verdict_constraint.py`); the vocabulary's pieces are worked out once per judge."""
+        from transformers import LogitsProcessorList
+
+        from trl_longreward.judges.verdict_constraint import TokenPieces, VerdictLogitsProcessor
+
+        pieces = self.__dict__.get("_verdict_pieces")
+        if pieces is None:
+            pieces = self.__dict__["_verdict_pieces"] = TokenPieces(self.tokenizer)
+        constraints = [request.verdict for request in requests]
+        processor = VerdictLogitsProcessor(self.tokenizer, pieces, constraints, budgets, width, self._eos_ids)
+        return LogitsProcessorList([processor])
 
     # --- prefix cache --------------------------------------------------------------------------------------------
 

@@ -59,12 +59,7 @@ class VLLMJudge(BatchingJudge):
             batch = [i for i in runnable if requests[i].continues_final_message == continuation]
             if not batch:
                 continue
-            params = [
-                self._sampling_params_cls(
-                    temperature=requests[i].temperature, top_p=requests[i].top_p, max_tokens=requests[i].max_tokens
-                )
-                for i in batch
-            ]
+            params = [self._sampling_params(requests[i]) for i in batch]
             outputs = self.llm.chat(
                 [list(requests[i].messages) for i in batch],
                 params,
@@ -77,6 +72,20 @@ class VLLMJudge(BatchingJudge):
                 self.stats.add(completion_tokens=len(completion.token_ids))
                 results[index] = completion.text.strip()
         return results
+
+    def _sampling_params(self, request: ChatRequest) -> Any:
+        """The request's `SamplingParams`; a constrained verdict (`ChatRequest.verdict`) becomes vLLM's structured
+        outputs, `StructuredOutputsParams(regex=...)` (vLLM >= 0.12; imported only when a request needs it)."""
+        sampling: dict[str, Any] = {
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "max_tokens": request.max_tokens,
+        }
+        if request.verdict is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            sampling["structured_outputs"] = StructuredOutputsParams(regex=request.verdict.regex())
+        return self._sampling_params_cls(**sampling)
 
     def _group_key(self, request: ChatRequest) -> tuple:
         return ()  # every request carries its own SamplingParams: any mix shares one batch

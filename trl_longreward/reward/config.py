@@ -89,6 +89,13 @@ class LongRewardConfig:
             continues a final assistant message: the in-process transformers and vLLM judges, or `vllm serve` (the
             request carries `continue_final_message`). Other servers answer in a new turn (`transformers serve`
             does), which rarely parses; the call then goes on to its re-samples as without the follow-up.
+        verdict_decoding (`str`, *optional*, defaults to `"free"`):
+            `"free"` (the paper): the judge writes what it likes and the parser looks for the verdict. `"structured"`
+            (a deviation): the judge still reasons freely, but its answer must end in the protocol's verdict
+            (`[[0]]`-`[[10]]`, a support label): the in-process transformers judge forces it when the model starts
+            the verdict (`[[`) or its budget is nearly spent (`judges/verdict_constraint.py`); vLLM (`vllm serve`
+            and the in-process engine) gets the regular expression as `structured_outputs`. Statement lists and
+            chunk notes stay free. Other OpenAI-compatible servers ignore or refuse the field.
         score_max_tokens (`int`, *optional*, defaults to `512`), break_max_tokens (`int`, *optional*, defaults to
             `2048`), check_max_tokens (`int`, *optional*, defaults to `512`), extract_max_tokens (`int`, *optional*,
             defaults to `1024`):
@@ -191,7 +198,7 @@ class LongRewardConfig:
     judge_engine_kwargs: dict | str | None = field(
         default=None,
         metadata={
-            "help": 'Keyword arguments of the in-process vLLM judge\'s engine (vllm.LLM), e.g. \'{"gpu_memory_utilization": '
+            "help": "Keyword arguments of the in-process vLLM judge's engine (vllm.LLM), e.g. '{\"gpu_memory_utilization\": "
             '0.3, "max_model_len": 32768}\'.'
         },
     )
@@ -230,6 +237,14 @@ class LongRewardConfig:
         metadata={
             "help": "A deviation for weak judges: continue an unparseable answer with the verdict cue of the prompt's "
             "examples ('Score: [[') for a few greedy tokens before re-sampling. Needs an in-process or vLLM judge."
+        },
+    )
+    verdict_decoding: Literal["free", "structured"] = field(
+        default="free",
+        metadata={
+            "help": "free (the paper): the judge's answer is parsed as written. structured (a deviation): the judge "
+            "reasons freely but its answer must end in the protocol's verdict ([[N]], a support label); in-process "
+            "transformers or vLLM judges, or vllm serve (structured_outputs)."
         },
     )
     score_max_tokens: int = field(default=512, metadata={"help": "Judge output budget of 0-10 scoring calls."})
@@ -354,6 +369,11 @@ class LongRewardConfig:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}.")
         if self.verdict_parsing not in ("strict", "lenient"):
             raise ValueError(f"verdict_parsing={self.verdict_parsing!r}: use strict (the paper) or lenient.")
+        if self.verdict_decoding not in ("free", "structured"):
+            raise ValueError(
+                f"verdict_decoding={self.verdict_decoding!r}: use free (the paper: the answer is parsed as written) or "
+                "structured (the answer must end in the protocol's verdict)."
+            )
         if self.zero_statement_policy not in ("exclude", "full", "zero"):
             raise ValueError(f"zero_statement_policy={self.zero_statement_policy!r}: use exclude, full or zero.")
         if not 0.0 < self.faithfulness_min_checked_fraction <= 1.0:

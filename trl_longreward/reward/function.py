@@ -18,7 +18,7 @@ from .config import LongRewardConfig
 from .dimensions import FAILED, NOT_APPLICABLE, OK, SCORERS, DimensionResult, PromptState, ScoringServices
 from .inputs import Sample, resolve_samples
 from .retrieval import Retriever, TokenChunker
-from .runner import JudgeRunner
+from .runner import JudgeRunner, prompt_scope
 
 _MAX_PROMPT_STATES = 256
 
@@ -163,6 +163,7 @@ class LongRewardFunction:
             first_temperature=config.first_temperature,
             retry_temperature=config.retry_temperature,
             verdict_followup=config.verdict_followup,
+            verdict_decoding=config.verdict_decoding,
             prompt_dir=config.prompt_dir,
         )
         self._retriever = retriever
@@ -279,7 +280,8 @@ class LongRewardFunction:
     async def _judge_one(self, sample: Sample) -> Judgement:
         state = self._state(sample)
         names = list(self.scorers)
-        results = await asyncio.gather(*(self._score_dimension(n, sample, state) for n in names))
+        with prompt_scope(sample.context, sample.question):  # one prompt's calls: one replica per template
+            results = await asyncio.gather(*(self._score_dimension(n, sample, state) for n in names))
         by_name = dict(zip(names, results, strict=True))
         return Judgement(
             reward=aggregate(by_name, self.config),

@@ -54,6 +54,7 @@ class ReferenceRater:
             first_temperature=config.first_temperature,
             retry_temperature=config.retry_temperature,
             verdict_followup=config.verdict_followup,
+            verdict_decoding=config.verdict_decoding,
             prompt_dir=config.prompt_dir if own else None,
         )
 

@@ -11,11 +11,14 @@ or an unparseable text is counted where it came from, never again by a sharer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -25,9 +28,11 @@ from ..judges.base import (
     JudgeError,
     JudgeFatalError,
     PermanentJudgeError,
+    VerdictConstraint,
     request_meter,
 )
 from ..judges.cache import JudgeCallCache, cache_key, failure_key
+from ..judges.endpoints import dispatch_affinity
 from .templates import PromptTemplate, load_template
 
 logger = logging.getLogger(__name__)
@@ -49,7 +54,66 @@ VERDICT_CUES: dict[str, tuple[str, int | None]] = {
     "completeness_extract": ("\n\nOutput:\n", None),
 }
 
-_DELIMITERS = ("question", "response", "statement", "passages", "chunk", "notes")
+# Structured verdict decoding (`LongRewardConfig.verdict_decoding="structured"`): the verdicts each template's answer
+# must end with. The list-shaped answers (statements, notes) have no `[[...]]` verdict and stay free.
+SCORE_CHOICES = tuple(str(n) for n in range(11))
+VERDICT_CHOICES: dict[str, tuple[str, ...]] = {
+    "helpfulness": SCORE_CHOICES,
+    "logicality": SCORE_CHOICES,
+    "completeness_score": SCORE_CHOICES,
+    "reference_rating": SCORE_CHOICES,
+    "faithfulness_check": ("Fully supported", "Partially supported", "No support"),
+    "pairwise_comparison": ("A", "B"),
+}
+VERDICT_DECODING_MODES = ("free", "structured")
+
+
+def verdict_constraint(template: str, *, opened: bool = False) -> VerdictConstraint | None:
+    """The verdict a `template`'s answer must end with under structured decoding (None: a list-shaped answer); the
+    forced verdict line is the template's own cue ("Score: [[")."""
+    choices = VERDICT_CHOICES.get(template)
+    if choices is None:
+        return None
+    cue = VERDICT_CUES.get(template, ("\n\nVerdict: [[", None))[0].removesuffix("[[")
+    return VerdictConstraint(choices=choices, cue=cue, opened=opened)
+
+
+# The prompt (context, question) whose judge calls run in this context (see `prompt_scope`).
+_PROMPT_SCOPE: ContextVar[str | None] = ContextVar("trl_longreward_prompt_scope", default=None)
+
+
+@contextmanager
+def prompt_scope(context: str, question: str) -> Iterator[None]:
+    """Mark the judge calls made in this block (and in tasks started in it) as calls about one prompt.
+
+    Each call then carries an affinity key for its template and prompt (`affinity_key`): with several judge replicas
+    the calls that share a long prompt prefix (the k responses' completeness scoring over the same notes, one prompt's
+    notes extraction, the statement checks over one document) go to one replica, whose prefix cache serves them."""
+    digest = hashlib.sha256(f"{context}\x00{question}".encode()).hexdigest()[:16]
+    token = _PROMPT_SCOPE.set(digest)
+    try:
+        yield
+    finally:
+        _PROMPT_SCOPE.reset(token)
+
+
+def affinity_key(template: str) -> str | None:
+    """The dispatch affinity key of a `template` call in the current `prompt_scope` (None outside one)."""
+    scope = _PROMPT_SCOPE.get()
+    return None if scope is None else f"{template}/{scope}"
+
+
+_DELIMITERS = (
+    "question",
+    "response",
+    "statement",
+    "passages",
+    "chunk",
+    "notes",
+    "document",
+    "response_a",
+    "response_b",
+)
 _TAG = re.compile(r"<(/?)\s*(" + "|".join(_DELIMITERS) + r")\s*>", re.IGNORECASE)
 
 
@@ -158,9 +222,13 @@ class JudgeRunner:
         retry_temperature: float,
         prompt_dir: str | None = None,
         verdict_followup: bool = False,
+        verdict_decoding: str = "free",
     ) -> None:
+        if verdict_decoding not in VERDICT_DECODING_MODES:
+            raise ValueError(f"verdict_decoding={verdict_decoding!r}: use free (the paper) or structured.")
         self.judge = judge
         self.verdict_followup = verdict_followup
+        self.verdict_decoding = verdict_decoding
         self.cache = cache
         self.max_attempts = max_attempts
         self.first_temperature = first_temperature
@@ -224,7 +292,9 @@ class JudgeRunner:
                 result.error = f"judge_error: stopped: {self._fatal}"
                 return result
             temperature = self.first_temperature if attempt == 0 else self.retry_temperature
-            request = ChatRequest.from_prompt(prompt, temperature=temperature, max_tokens=max_tokens)
+            request = ChatRequest.from_prompt(
+                prompt, temperature=temperature, max_tokens=max_tokens, verdict=self._verdict(template.name)
+            )
             outcome = await self._fetch(identity, template.name, template.name, template.version, request, attempt)
             if outcome.error is not None:
                 result.error = _error_text(outcome.error)
@@ -247,6 +317,12 @@ class JudgeRunner:
                 self.counters.parse_failures[template.name] += 1
         result.error = f"parse_failure: no valid verdict in {self.max_attempts} tries"
         return result
+
+    def _verdict(self, template: str, *, opened: bool = False) -> VerdictConstraint | None:
+        """The verdict constraint of a call (structured decoding), else None."""
+        if self.verdict_decoding != "structured":
+            return None
+        return verdict_constraint(template, opened=opened)
 
     async def _identity(self) -> dict[str, Any] | None:
         """The judge's cache identity; None when it cannot be known now (the call then goes uncached)."""
@@ -282,6 +358,7 @@ class JudgeRunner:
             messages=({"role": "user", "content": prompt}, {"role": "assistant", "content": answer + cue}),
             temperature=0.0,
             max_tokens=budget or max_tokens,
+            verdict=self._verdict(name, opened=True) if cue.endswith("[[") else None,
         )
         outcome = await self._fetch(identity, name, f"{name}+verdict", version, request, 0)
         if outcome.source == "judge":
@@ -355,7 +432,7 @@ class JudgeRunner:
         self.counters.sent[name] += 1
         error: JudgeError | None = None
         text: str | None = None
-        with request_meter() as sent:
+        with request_meter() as sent, dispatch_affinity(affinity_key(name)):
             try:
                 text = await self.judge.acomplete(request)
             except JudgeFatalError as err:

@@ -16,6 +16,13 @@ Rules (each can be replaced by passing a callable):
   response, rounded to one decimal.
 - reference(question, reference, response) (the reference-based rating, not a LongReward dimension): 1 + 9 x the
   share of the reference's words of 5+ letters that occur in the response, rounded to one decimal.
+- pairwise(document, question, response_a, response_b) (the direct-comparison baseline of `trl-longreward
+  agreement`): the response with more sentences wins; equal counts give A, a position bias that judging both orders
+  turns into a tie.
+
+Structured outputs: a request carrying vLLM's `structured_outputs` regular expression gets an answer that matches it
+(the scripted answer if it does; else, as a grammar-constrained server would, the text the judge wanted followed by
+the scripted verdict); `structured_regexes` records every expression received.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ TASK_MARKERS = {
     "completeness_extract": "extract from this chunk",
     "completeness_score": "how complete the response is",
     "reference_rating": "rate the assistant's answer against the reference answer",
+    "pairwise_comparison": "decide which of the two responses answers the question better",
 }
 # A run between sentence ends that ends in "."; runs without a visible character are dropped in `sentences`. (The
 # one-pattern form, [^.!?]*[^.!?\s][^.!?]*\., backtracks cubically over long runs without a ".", e.g. CJK text.)
@@ -98,6 +106,10 @@ def rule_completeness(question: str, notes: str, response: str) -> float:
     return round(10 * covered / len(items), 1)
 
 
+def rule_pairwise(document: str, question: str, response_a: str, response_b: str) -> str:
+    return "B" if len(sentences(response_b)) > len(sentences(response_a)) else "A"
+
+
 def rule_reference(question: str, reference: str, response: str) -> float:
     key = words(reference, 5)
     if not key:
@@ -125,6 +137,7 @@ class ScriptedLongRewardJudge:
         extract: Callable[[str, str], list[str]] = rule_extract,
         completeness: Callable[[str, str, str], float] = rule_completeness,
         reference: Callable[[str, str, str], float] = rule_reference,
+        pairwise: Callable[[str, str, str, str], str] = rule_pairwise,
         garbage_below_temperature: float | None = None,
         verdict_only_when_continued: bool = False,
     ) -> None:
@@ -136,12 +149,29 @@ class ScriptedLongRewardJudge:
             "completeness_extract": extract,
             "completeness_score": completeness,
             "reference_rating": reference,
+            "pairwise_comparison": pairwise,
         }
+        self.structured_regexes: list[str] = []
         self.garbage_below_temperature = garbage_below_temperature
         self.verdict_only_when_continued = verdict_only_when_continued
         self.calls: dict[str, int] = dict.fromkeys(self.rules, 0)
 
     def __call__(self, messages: list[dict], body: dict) -> str:
+        regex = (body.get("structured_outputs") or {}).get("regex")
+        if regex is None:
+            return self._respond(messages, body)
+        self.structured_regexes.append(regex)
+        text = self._respond(messages, body)
+        if re.fullmatch(regex, text):
+            return text
+        prompt = messages[0]["content"]
+        verdict = re.findall(r"\[\[[^\[\]]*\]\]", self.answer(detect_task(prompt), prompt))
+        forced = f"{text}\n{verdict[-1]}" if verdict else text
+        if not re.fullmatch(regex, forced):
+            raise ValueError(f"The scripted answer cannot match the structured-outputs regex {regex!r}: {forced!r}")
+        return forced
+
+    def _respond(self, messages: list[dict], body: dict) -> str:
         if messages and messages[-1].get("role") == "assistant":
             return self.continuation(messages[0]["content"], messages[-1]["content"])
         prompt = messages[-1]["content"]
@@ -184,6 +214,9 @@ class ScriptedLongRewardJudge:
             if not items:
                 return "No relevant information"
             return "\n".join(f"{i}. {item}" for i, item in enumerate(items, start=1))
+        if task == "pairwise_comparison":
+            parts = (tagged(prompt, tag) for tag in ("document", "question", "response_a", "response_b"))
+            return f"Analysis: scripted comparison.\nVerdict: [[{rule(*parts)}]]"
         if task == "reference_rating":
             rating = rule(tagged(prompt, "question"), tagged(prompt, "reference"), tagged(prompt, "response"))
             return f"Analysis: compared the answer with the reference.\nRating: [[{rating:g}]]"
