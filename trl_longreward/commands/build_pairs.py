@@ -517,9 +517,7 @@ def _completion(text: str, prompt: Any) -> Any:
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def _write_pairs(
-    samples_path: Path, rows: Any, columns: dict[str, str], out_dir: Path
-) -> tuple[Any, dict[str, Any]]:
+def _write_pairs(samples_path: Path, rows: Any, columns: dict[str, str], out_dir: Path) -> tuple[Any, dict[str, Any]]:
     """Build the preference dataset from samples.jsonl (all runs) and write `pairs/` and `pairs.jsonl` atomically;
     `columns`: where rows hold the document (`LongRewardConfig.document_columns()`)."""
     import datasets

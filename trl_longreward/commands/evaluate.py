@@ -107,7 +107,8 @@ class EvaluateArguments:
         default=0, metadata={"help": "This machine's shard, 0 <= shard_index < num_shards (see merge-shards)."}
     )
     num_shards: int = field(
-        default=1, metadata={"help": "Machines sharing the input: shard I answers the prompt groups g with g % N == I."}
+        default=1,
+        metadata={"help": "Machines sharing the input: shard I answers the prompt groups g with g % N == I."},
     )
     use_vllm: bool = field(
         default=False, metadata={"help": "Answer with an in-process vllm.LLM instead of transformers' generate."}
@@ -610,7 +611,9 @@ def _results(spec: dict[str, Any], judged: dict, indices: list[int]) -> dict[str
         table[name] = {**mean_scores(rows, columns), "scored": scored, "prompts": len(indices)}
         if name == models[0]:
             continue
-        wins[name] = win_rate([r.get(key) for r in rows], [b.get(key) for b in baseline], tie_margin=spec["tie_margin"])
+        wins[name] = win_rate(
+            [r.get(key) for r in rows], [b.get(key) for b in baseline], tie_margin=spec["tie_margin"]
+        )
         if reference_column and long_reward:
             reference_wins[name] = win_rate(
                 [r.get(REFERENCE_SCORE) for r in rows], [b.get(REFERENCE_SCORE) for b in baseline]

@@ -110,6 +110,17 @@ class LongContextDPOConfig(DPOConfig):
             Share of each batch's pairs taken from `offline_dataset` (prompt/chosen/rejected rows, e.g. ordinary
             short-context DPO data). 0 = online pairs only.
 
+        > Parameters that control asynchronous judging
+
+        async_judging (`bool`, *optional*, defaults to `False`):
+            Judge the next step's samples while this step trains: at step t the policy samples the prompts of step
+            t+1 with its current weights, a background thread judges them, and step t trains on the pairs of step t
+            (judged while step t-1 trained). The pairs are then one step stale (`pairs/staleness`); with a remote
+            judge the step takes about max(judging, training) instead of their sum. Off by default: serial steps.
+        max_staleness (`int`, *optional*, defaults to `1`):
+            With `async_judging`, how many optimizer steps ahead of training the judging runs: pairs are first trained
+            on this many steps after the policy that sampled them. Only 1 is supported.
+
         > Parameters that control reliability
 
         max_judge_outage_steps (`int`, *optional*, defaults to `3`):
@@ -224,6 +235,18 @@ class LongContextDPOConfig(DPOConfig):
         default=0.0, metadata={"help": "Share of each batch's pairs drawn from offline_dataset."}
     )
 
+    async_judging: bool = field(
+        default=False,
+        metadata={
+            "help": "Judge step t+1's samples (drawn with the current weights) in the background while step t trains "
+            "on the pairs judged during step t-1: pairs one step stale, steps of max(judging, training)."
+        },
+    )
+    max_staleness: int = field(
+        default=1,
+        metadata={"help": "async_judging: optimizer steps between sampling a batch and training on it; only 1."},
+    )
+
     max_judge_outage_steps: int = field(
         default=3,
         metadata={
@@ -286,9 +309,11 @@ class LongContextDPOConfig(DPOConfig):
             from trl.import_utils import is_vllm_available
 
             if not is_vllm_available():
+                from ..vllm_support import VLLM_INSTALL_HINT
+
                 raise ValueError(
-                    "use_vllm=True needs vLLM: pip install 'trl-longreward[vllm]' (or leave use_vllm=False to sample "
-                    "with transformers generate)."
+                    f"use_vllm=True needs vLLM: {VLLM_INSTALL_HINT} (or leave use_vllm=False to sample with "
+                    "transformers generate)."
                 )
         if self.generation_micro_batch_size is not None and self.generation_micro_batch_size < 1:
             raise ValueError(
@@ -297,6 +322,16 @@ class LongContextDPOConfig(DPOConfig):
             )
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations must be >= 1 (1: new pairs every step), got {self.num_iterations}.")
+        if self.max_staleness != 1:
+            raise ValueError(
+                f"max_staleness={self.max_staleness}: only 1 is supported (async_judging judges one step ahead)."
+            )
+        if self.async_judging and self.auto_find_batch_size:
+            raise ValueError(
+                "async_judging=True cannot be combined with auto_find_batch_size=True: a retry with a smaller batch "
+                "would train on batches sampled and judged at the old size. Set the batch size yourself, or turn "
+                "async_judging off."
+            )
         if self.max_judge_outage_steps < 0:
             raise ValueError("max_judge_outage_steps must be >= 0 (0: never stop).")
         if not 0.0 <= self.offline_ratio < 1.0:

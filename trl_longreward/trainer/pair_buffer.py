@@ -1,6 +1,7 @@
 """Pairs kept for `num_iterations > 1`: a batch of prompts comes that many times in a row, its pairs generated and
 judged once (the first time) and trained on every time. The buffer is saved in checkpoints (`state_dict`), so a run
-resumed between two repeats of a batch trains on the same pairs instead of generating new ones."""
+resumed between two repeats of a batch trains on the same pairs instead of generating new ones. Each entry is
+(examples, selections, rewards, samples, policy step that sampled them)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class PairBuffer:
         if self.num_iterations > 1:
             self._entries[self._key(rows)] = [1, step]
 
+    def remaining(self) -> dict[tuple, int]:
+        """Per buffered batch of prompts (its key), how many more times its pairs will be trained on."""
+        return {key: self.num_iterations - entry[0] for key, entry in self._entries.items()}
+
     def reuse(self, rows: list[dict[str, Any]]) -> Any:
         """What was remembered for exactly these prompts, while it has been used fewer than num_iterations times."""
         if self.num_iterations <= 1:
@@ -38,9 +43,9 @@ class PairBuffer:
 
     def state_dict(self) -> list[dict[str, Any]]:
         """The buffered steps as JSON-able records: the prompts, the uses so far, and (examples, selections,
-        rewards, samples)."""
+        rewards, samples, policy step)."""
         records = []
-        for key, (uses, (examples, selections, rewards, samples)) in self._entries.items():
+        for key, (uses, (examples, selections, rewards, samples, policy_step)) in self._entries.items():
             records.append(
                 {
                     "prompt_ids": [list(ids) for ids in key],
@@ -49,6 +54,7 @@ class PairBuffer:
                     "selections": [asdict(selection) for selection in selections],
                     "rewards": rewards,
                     "samples": samples,
+                    "policy_step": policy_step,
                 }
             )
         return records
@@ -62,6 +68,7 @@ class PairBuffer:
                     [PairSelection(**selection) for selection in record["selections"]],
                     record["rewards"],
                     record["samples"],
+                    record.get("policy_step"),
                 ),
             ]
             for record in records

@@ -13,12 +13,17 @@ without any pair trains a stand-in pair whose loss counts 0 and which enters no 
 other forever), and a step without any pair on any rank leaves the weights and the optimizer state as they are
 (`ddp.py`).
 
+With `async_judging`, judging (step 2) overlaps training: step t samples the prompts of step t+1 with the current
+weights and judges them in a background thread while it trains on the pairs of step t (`async_judging.py`); the
+pairs are one step stale (`pairs/staleness`).
+
 Callbacks that define `on_step_judged(args, state, control, judged=JudgedStep)` receive each step's judged samples
-and pairs (the HTML report's `JudgedStepRecorder` does).
+and pairs, when the step that trains on them takes them (the HTML report's `JudgedStepRecorder` does).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,6 +43,7 @@ from trl.trainer.utils import get_callable_name
 
 from ..documents import prepare_prompt_dataset
 from ..pairs import SKIP_REASONS, PairSelection, select_best_worst
+from .async_judging import BackgroundJudging, SampledBatch, rows_key
 from .config import LongContextDPOConfig
 from .ddp import (
     PairMetricsAccelerator,
@@ -59,6 +65,7 @@ from .rewards import describe_reward, score_samples
 _PAIR_SHARES = "pair_shares"
 PAIR_STATS_FILE = "long_reward_pair_stats.json"
 PAIR_BUFFER_FILE = "long_reward_pair_buffer_{rank}.json"
+SAMPLED_BATCHES_FILE = "long_reward_sampled_batches_{rank}.json"  # async_judging: sampled, not yet trained on
 logger = logging.getLogger(__name__)
 
 
@@ -75,7 +82,9 @@ class JudgedStep:
 
     `judgements`: the `Judgement`s of the first reward function that gives them (prompt-major, k per prompt; None
     otherwise); `rewards`: the trainer's combined rewards in the same order; `selections`: the `PairSelection` of
-    each prompt; `rank`: the process that judged them."""
+    each prompt; `rank`: the process that judged them; `step`: the optimizer step (from 1) that trains on them;
+    `policy_step`: the number of optimizer steps the policy that sampled them had taken (`step - 1` in serial steps,
+    `step - 2` with `async_judging`, except for the first step); `completions`: the sampled texts, prompt-major."""
 
     step: int
     rank: int
@@ -83,6 +92,24 @@ class JudgedStep:
     rewards: list[float | None]
     selections: list[PairSelection]
     judgements: list[Any] | None
+    policy_step: int = -1
+    completions: list[str] | None = None
+
+
+@dataclass
+class _StepPairs:
+    """What one micro-step trains on, and how it came about (see `training_step`)."""
+
+    online: list[dict[str, Any]]
+    selections: list[PairSelection]
+    rewards: list[float | None]
+    samples: list[list[dict[str, Any]]]
+    metrics: dict[str, float]
+    new: bool  # first use of these pairs (False: a num_iterations repeat)
+    policy_step: int | None
+    judging_s: float = 0.0  # time this step waited for the judge
+    judging_background_s: float | None = None  # async_judging: the time the batch's judging took, in the background
+    batch: SampledBatch | None = None
 
 
 class LongContextDPOTrainer(DPOTrainer):
@@ -197,6 +224,15 @@ class LongContextDPOTrainer(DPOTrainer):
         self.pair_stats: Counter = Counter()
         self._prompt_once_warned: set[str] = set()
         self._judge_outage_steps = 0
+        self.judging: BackgroundJudging | None = None  # async_judging: made at the start of each train()
+        self._window: list[list[dict[str, Any]]] = []  # the micro-batches of the current optimizer step
+        self._next_window: list[list[dict[str, Any]]] = []  # and of the next one, read ahead (async_judging)
+        self._window_iterator: Any = None
+        self._window_planned = False
+        self._prefetch: list[list[dict[str, Any]]] = []
+        self._generation_s = 0.0
+        #: async_judging: batches sampled and judged but never trained on (training stopped before them)
+        self.untrained_batches: list[dict[str, Any]] = []
         # Trainer gave every rank the same seed, so all ranks would sample the same tokens; offset it by the rank,
         # as TRL's GRPOTrainer does. Data sharding is unaffected: the samplers have their own seeded generators.
         set_seed(args.seed, device_specific=True)
@@ -229,41 +265,25 @@ class LongContextDPOTrainer(DPOTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows: list[dict[str, Any]] = inputs
-        started = time.perf_counter()
-        reused = self.pair_buffer.reuse(rows)
-        if reused is None:
-            samples = self.sampler.sample(self.model_wrapped, rows, global_step=self.state.global_step)
-            generated = time.perf_counter()
-            scored = score_samples(
-                self.reward_funcs,
-                self.reward_weights,
-                rows,
-                samples,
-                num_generations=self.args.num_generations,
-                trainer_state=self.state,
-            )
-            rewards, reward_metrics = scored.rewards, scored.metrics
-            judged = time.perf_counter()
-            online, selections = self._select_pairs(rows, samples, rewards)
-            self.pair_buffer.remember(rows, (online, selections, rewards, samples))
-            self._notify_step_judged(rewards, selections, scored.judgements)
-        else:  # the same prompts again (num_iterations > 1): train on the pairs generated for them
-            online, selections, rewards, samples = reused
-            reward_metrics = {}
-            generated = judged = time.perf_counter()
-        examples = list(online)
+        self._generation_s = 0.0
+        step = self._async_pairs(rows) if self.judging is not None else self._serial_pairs(rows)
+        judged = time.perf_counter()
+        examples = list(step.online)
         num_online = len(examples)
         examples.extend(self.offline_pairs.draw(num_online, self.args.per_device_train_batch_size))
         num_offline = len(examples) - num_online
         outage = self._log_step(
-            rows, selections, num_online, num_offline, rewards, reward_metrics, new_pairs=reused is None
+            rows, step.selections, num_online, num_offline, step.rewards, step.metrics, new_pairs=step.new
         )
         self._judge_outage_steps = self._judge_outage_steps + 1 if outage else 0
         if self.args.max_judge_outage_steps and self._judge_outage_steps >= self.args.max_judge_outage_steps:
-            self._stop_for_judge_outage(model, reward_metrics)
+            self._stop_for_judge_outage(model, step.metrics)
+        prefetch_started = time.perf_counter()
+        self._sample_ahead()  # async_judging: the next step's batches, judged while this one trains
+        prefetched = time.perf_counter()
         num_pairs = len(examples)
         if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
-            first = samples[0][0]["completion_ids"]
+            first = step.samples[0][0]["completion_ids"]
             examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
         batch = self.preference_collator(examples)
         # every rank, every micro-step: the ranks' pair counts weight their losses (see compute_loss)
@@ -273,14 +293,143 @@ class LongContextDPOTrainer(DPOTrainer):
         gate = step_gate(self.optimizer)
         if gate is not None:  # no pair on any rank in the whole accumulation window: the optimizer step is skipped
             gate.add(shares.total, sync=self.accelerator.sync_gradients)
+        if step.batch is not None:
+            self.judging.trained(step.batch)
         trained = time.perf_counter()
-        for name, seconds in (
-            ("generation", generated - started),
-            ("judging", judged - generated),
-            ("training", trained - judged),
-        ):
-            self._metrics["train"][f"time/{name}_s"].append(seconds)
+        metrics = self._metrics["train"]
+        metrics["time/generation_s"].append(self._generation_s)
+        metrics["time/judging_s"].append(step.judging_s)
+        # sampling ahead counts as generation, not as training
+        metrics["time/training_s"].append(trained - judged - (prefetched - prefetch_started))
+        if step.judging_background_s is not None:
+            metrics["time/judging_background_s"].append(step.judging_background_s)
+        if step.policy_step is not None:
+            metrics["pairs/staleness"].append(self.state.global_step - step.policy_step)
         return loss
+
+    def _sample(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """The policy's samples for `rows`, now (timed as generation)."""
+        began = time.perf_counter()
+        samples = self.sampler.sample(self.model_wrapped, rows, global_step=self.state.global_step)
+        self._generation_s += time.perf_counter() - began
+        return samples
+
+    def _score(self, rows, samples, trainer_state) -> Any:
+        return score_samples(
+            self.reward_funcs,
+            self.reward_weights,
+            rows,
+            samples,
+            num_generations=self.args.num_generations,
+            trainer_state=trainer_state,
+        )
+
+    def _judged_pairs(self, rows, samples, scored, policy_step) -> tuple[list, list]:
+        """Pairs of the judged `samples`, remembered for num_iterations repeats, and told to the callbacks."""
+        online, selections = self._select_pairs(rows, samples, scored.rewards)
+        self.pair_buffer.remember(rows, (online, selections, scored.rewards, samples, policy_step))
+        self._notify_step_judged(scored.rewards, selections, scored.judgements, samples, policy_step)
+        return online, selections
+
+    def _serial_pairs(self, rows) -> _StepPairs:
+        """Sample, judge and pair now (or take the pairs of a num_iterations repeat from the buffer)."""
+        reused = self.pair_buffer.reuse(rows)
+        if reused is not None:  # the same prompts again (num_iterations > 1): train on the pairs generated for them
+            online, selections, rewards, samples, policy_step = reused
+            return _StepPairs(online, selections, rewards, samples, {}, False, policy_step)
+        samples = self._sample(rows)
+        policy_step = self.state.global_step
+        began = time.perf_counter()
+        scored = self._score(rows, samples, self.state)
+        judging_s = time.perf_counter() - began
+        online, selections = self._judged_pairs(rows, samples, scored, policy_step)
+        return _StepPairs(online, selections, scored.rewards, samples, scored.metrics, True, policy_step, judging_s)
+
+    def _async_pairs(self, rows) -> _StepPairs:
+        """The pairs of `rows` judged in the background (sampled one step ago), waiting for their judging if it is
+        still running; at the first micro-step of an optimizer step, the batches of this step that nobody sampled
+        yet (the first step, a new epoch) are sampled and judged first, and the next step's batches are planned."""
+        if not self._window_planned and self._window and rows is self._window[0]:
+            self._plan_window()
+        reused = self.pair_buffer.reuse(rows)
+        if reused is not None:
+            online, selections, rewards, samples, policy_step = reused
+            return _StepPairs(online, selections, rewards, samples, {}, False, policy_step)
+        assert self.judging is not None
+        batch = self.judging.find(rows)
+        if batch is None:  # a micro-step outside the trainer's own loop: judge it now
+            batch = self._sample_and_submit(rows)
+        self.judging.judge_restored(rows, copy.copy(self.state))
+        scored, waited, busy = self.judging.take(batch)
+        online, selections = self._judged_pairs(rows, batch.samples, scored, batch.policy_step)
+        return _StepPairs(
+            online, selections, scored.rewards, batch.samples, scored.metrics, True, batch.policy_step, waited, busy,
+            batch,
+        )  # fmt: skip
+
+    def _sample_and_submit(self, rows) -> SampledBatch:
+        assert self.judging is not None
+        samples = self._sample(rows)
+        # the reward sees the trainer's state as it was when the batch was sampled
+        return self.judging.submit(
+            rows, samples, policy_step=self.state.global_step, trainer_state=copy.copy(self.state)
+        )
+
+    def _plan_window(self) -> None:
+        """Which micro-batches of this optimizer step and of the next one need new samples (not a num_iterations
+        repeat of pairs already buffered or being judged); sample this step's now, the next step's after this
+        micro-step's outage check (`_sample_ahead`). In the serial trainer's order, so that the same seed draws the
+        same samples. Batches restored from a checkpoint are judged again now (the judge cache answers them)."""
+        assert self.judging is not None
+        self._window_planned = True
+        window, ahead = self._window, self._next_window
+        dropped = self.judging.drop_restored({rows_key(rows) for rows in (*window, *ahead)})
+        if dropped:
+            logger.warning(
+                "async_judging: %d sampled batch(es) saved in the checkpoint are not the prompts this run serves now "
+                "(the data order changed); they are sampled again.",
+                dropped,
+            )
+        state = copy.copy(self.state)
+        for rows in window:
+            self.judging.judge_restored(rows, state)
+        supply: Counter = Counter(self.pair_buffer.remaining())
+        for batch in self.judging.untaken():
+            supply[batch.key] += self.args.num_iterations
+        now, later = [], []
+        for position, rows in enumerate((*window, *ahead)):
+            key = rows_key(rows)
+            if supply[key] > 0:
+                supply[key] -= 1
+                continue
+            supply[key] += self.args.num_iterations - 1
+            (now if position < len(window) else later).append(rows)
+        for rows in now:
+            self._sample_and_submit(rows)
+        self._prefetch = later
+
+    def _sample_ahead(self) -> None:
+        batches, self._prefetch = self._prefetch, []
+        for rows in batches:
+            self._sample_and_submit(rows)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Transformers' window of micro-batches for one optimizer step; with `async_judging`, the next step's
+        window is read ahead (when that step will run: not past `max_steps`, not past the epoch's end), so that its
+        prompts can be sampled and judged while this step trains."""
+        if self.judging is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._next_window and self._window_iterator is epoch_iterator:
+            window = self._next_window
+        else:
+            window, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._next_window = []
+        if window and self.state.global_step + 1 < self.state.max_steps:
+            steps = self.args.gradient_accumulation_steps
+            self._next_window, _ = super().get_batch_samples(epoch_iterator, steps, device)
+        self._window_iterator = epoch_iterator
+        self._window, self._window_planned = list(window), False
+        return window, None
 
     def _select_pairs(self, rows, samples, rewards):
         """Best-vs-worst pair of each prompt, from the policy's own tokens; prompts without a pair are skipped."""
@@ -304,7 +453,7 @@ class LongContextDPOTrainer(DPOTrainer):
                 )
         return examples, selections
 
-    def _notify_step_judged(self, rewards, selections, judgements) -> None:
+    def _notify_step_judged(self, rewards, selections, judgements, samples, policy_step) -> None:
         judged = JudgedStep(
             step=self.state.global_step + 1,
             rank=self.accelerator.process_index,
@@ -312,6 +461,8 @@ class LongContextDPOTrainer(DPOTrainer):
             rewards=rewards,
             selections=selections,
             judgements=judgements,
+            policy_step=policy_step,
+            completions=[s["text"] for per_prompt in samples for s in per_prompt],
         )
         for callback in self.callback_handler.callbacks:
             handler = getattr(callback, "on_step_judged", None)
@@ -428,11 +579,19 @@ class LongContextDPOTrainer(DPOTrainer):
             path = os.path.join(folder, PAIR_BUFFER_FILE.format(rank=self.accelerator.process_index))
             with open(path, "w", encoding="utf-8") as handle:
                 json.dump(self.pair_buffer.state_dict(), handle)
+        if self.judging is not None:  # the batches sampled by earlier weights: a resumed run cannot sample them again
+            path = os.path.join(folder, SAMPLED_BATCHES_FILE.format(rank=self.accelerator.process_index))
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(self.judging.state_dict(), handle)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval=None):
         """`Trainer.train`; resuming also restores the pair statistics, the offline cursor and this rank's buffered
-        pairs saved with the checkpoint (whatever the engine: DDP, FSDP or DeepSpeed). The default reward (built
-        from `args.long_reward`) is closed when training ends, also when it stops on an error."""
+        pairs saved with the checkpoint (whatever the engine: DDP, FSDP or DeepSpeed), and with `async_judging` the
+        batches sampled but not yet trained on (judged again, from the judge cache). The default reward (built from
+        `args.long_reward`) is closed when training ends, also when it stops on an error. With `async_judging`,
+        batches judged but never trained on (training stopped early) are reported (`untrained_batches`)."""
+        self.judging = BackgroundJudging(self._score) if self.args.async_judging else None
+        self._window, self._next_window, self._prefetch, self._window_planned = [], [], [], False
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
@@ -447,9 +606,33 @@ class LongContextDPOTrainer(DPOTrainer):
                 resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
             )
         finally:
+            if self.judging is not None:
+                self._report_untrained(self.judging.finish())
             if self._owns_reward:  # the reward this trainer built releases its judge and cache file
                 for func in self.reward_funcs:
                     func.close()
+
+    def _report_untrained(self, left: list) -> None:
+        """Batches sampled and judged ahead that training stopped before: their cost is reported (a warning and
+        `untrained_batches`), and their answers stay in the judge cache for a resumed run."""
+        self.untrained_batches = [
+            {
+                "policy_step": batch.policy_step,
+                "prompts": len(batch.key),
+                "judge_calls": int(scored.metrics.get("long_reward/judge_calls", 0)) if scored is not None else 0,
+            }
+            for batch, scored in left
+        ]
+        judged = [e for e, (batch, _) in zip(self.untrained_batches, left, strict=True) if batch.future is not None]
+        if judged:
+            logger.warning(
+                "async_judging: training stopped at step %d with %d batch(es) sampled and judged ahead but not trained "
+                "on (%d judge calls). Their answers are in the judge cache: resuming from the last checkpoint reuses "
+                "them.",
+                self.state.global_step,
+                len(judged),
+                sum(entry["judge_calls"] for entry in judged),
+            )
 
     def _load_long_reward_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, PAIR_STATS_FILE)
@@ -462,6 +645,10 @@ class LongContextDPOTrainer(DPOTrainer):
         if os.path.exists(buffer_path):
             with open(buffer_path, encoding="utf-8") as handle:
                 self.pair_buffer.load_state_dict(json.load(handle))
+        sampled_path = os.path.join(checkpoint, SAMPLED_BATCHES_FILE.format(rank=self.accelerator.process_index))
+        if self.judging is not None and os.path.exists(sampled_path):
+            with open(sampled_path, encoding="utf-8") as handle:
+                self.judging.load_state_dict(json.load(handle))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the model and, when called for the final model (not from a checkpoint save), its model card
