@@ -37,6 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 QUERY_COUNTERS = ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries")
 HIT_COUNTERS = ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
 MODES = ("affine", "least_loaded")
+# The CPU demo's judge budgets, greedy and one try per call (a small judge on CPU servers): both modes send exactly
+# the same calls, which is all the comparison needs; the prefixes they share are the prompts' documents.
+JUDGE_BUDGETS: dict[str, Any] = {
+    "max_attempts": 1,
+    "first_temperature": 0.0,
+    "score_max_tokens": 32,
+    "break_max_tokens": 64,
+    "check_max_tokens": 32,
+    "extract_max_tokens": 64,
+    "max_statements": 2,
+    "completeness_chunk_tokens": 1024,
+}
 
 
 def server_root(base_url: str) -> str:
@@ -113,7 +125,9 @@ def run_mode(mode: str, rows: list[dict[str, str]], urls: list[str], model: str,
     from trl_longreward import LongRewardFunction, OpenAIJudge
 
     judge = OpenAIJudge(model, urls, max_concurrency=concurrency, affinity=mode == "affine", max_retries=1)
-    reward = LongRewardFunction(judge=judge, retriever="bm25", chunk_tokenizer="regex", show_progress=False)
+    reward = LongRewardFunction(
+        judge=judge, retriever="bm25", chunk_tokenizer="regex", show_progress=False, **JUDGE_BUDGETS
+    )
     before = {url: read_prefix_counters(url) for url in urls}
     started = time.perf_counter()
     try:
