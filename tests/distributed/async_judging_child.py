@@ -93,15 +93,21 @@ def run_ranks(cli: argparse.Namespace) -> None:
         def tied(self, step: int, index: int) -> bool:
             return index in TIED_PROMPTS
 
+    # `uneven_pairs` may be the module other tests of this process use (the one-process run is in-process): put its
+    # reward back afterwards.
+    original = uneven_pairs.LengthReward
     uneven_pairs.LengthReward = IndexTies
-    uneven_pairs.run(
-        Path(cli.output_dir),
-        ties={},
-        num_prompts=12,
-        max_steps=3,
-        per_device_train_batch_size=cli.per_device_train_batch_size,
-        async_judging=cli.async_judging,
-    )
+    try:
+        uneven_pairs.run(
+            Path(cli.output_dir),
+            ties={},
+            num_prompts=12,
+            max_steps=3,
+            per_device_train_batch_size=cli.per_device_train_batch_size,
+            async_judging=cli.async_judging,
+        )
+    finally:
+        uneven_pairs.LengthReward = original
 
 
 def main() -> None:
