@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from trl_longreward.judges.vllm_server import stop_process_group
+
 __all__ = ["ServerProcess", "free_port", "start_transformers_serve", "stop_process"]
 
 
@@ -140,21 +142,9 @@ def start_transformers_serve(
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
-    """Stop a process started with `start_new_session=True` and everything it spawned: SIGTERM to its process group,
-    SIGKILL after `timeout` seconds. Removes the log directory of a `ServerProcess`."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=timeout)
+    """Stop a process started with `start_new_session=True` and everything it spawned (SIGTERM to its process group,
+    SIGKILL after `timeout` seconds). Removes the log directory of a `ServerProcess`."""
+    stop_process_group(process, timeout)
     log_path = getattr(process, "log_path", None)
     if log_path is not None:
         shutil.rmtree(Path(log_path).parent, ignore_errors=True)

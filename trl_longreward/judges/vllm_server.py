@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["VLLMServer", "parse_prometheus"]
+__all__ = ["VLLMServer", "parse_prometheus", "stop_process_group"]
 
 _ENTRY_POINT = "vllm.entrypoints.openai.api_server"
 
@@ -173,25 +173,12 @@ class VLLMServer:
         return parse_prometheus(answer[1])
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after `timeout` seconds; removes its log directory.
-        Safe to call twice."""
-        process = self.process
-        if process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait(timeout=timeout)
+        """Stop the server and everything it spawned (`stop_process_group`); removes its log directory. Safe to call
+        twice."""
+        stop_process_group(self.process, timeout)
         # Engine workers can outlive a parent that died first: they share its process group.
         try:
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         shutil.rmtree(self.log_path.parent, ignore_errors=True)
@@ -201,6 +188,25 @@ class VLLMServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop a process started with `start_new_session=True` and everything it spawned: SIGTERM to its process group,
+    SIGKILL after `timeout` seconds."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=timeout)
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
