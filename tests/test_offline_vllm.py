@@ -11,7 +11,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from vllm_env import run_vllm_script
+from vllm_env import engine_dtype, run_vllm_script
 
 from trl_longreward.commands import main
 from trl_longreward.commands.build_pairs import BuildPairsArguments
@@ -50,20 +50,21 @@ def test_vllm_options_are_checked_before_vllm_is_needed(tmp_path: Path) -> None:
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_build_pairs_with_vllm_samples_k_seeded_responses_and_writes_pairs(tmp_path: Path) -> None:
-    result = run_vllm_script("build_pairs_vllm.py", tmp_path, str(tmp_path / "work"), timeout_s=900)
+    dtype = engine_dtype()
+    result = run_vllm_script("build_pairs_vllm.py", tmp_path, str(tmp_path / "work"), dtype)
     k, summaries, responses = result["k"], result["summaries"], result["responses"]
-    assert result["engine"] == {"max_model_len": 4096, "enforce_eager": True, "dtype": "torch.bfloat16"}
+    assert result["engine"] == {"max_model_len": 4096, "enforce_eager": True, "dtype": f"torch.{dtype}"}
 
     # k distinct samples for each of the 2 prompts, each within the completion budget.
     assert len(responses["first"]) == 2
     for samples in responses["first"]:
         assert len(samples) == k and len(set(samples)) == k and all(samples)
-    assert max(result["completion_tokens"]) <= 24 + 1  # re-tokenizing the decoded text may add a token
+    assert max(result["completion_tokens"]) <= result["max_completion_length"] + 1  # re-tokenizing the decoded text may add a token
     # Each prompt its own seed, num_generations apart (vLLM's j-th sample: seed + j).
     assert result["seeds"] == [3, 3 + k]
     # The documents (~4.7k tokens) are cut in the middle to max_prompt_length, as on the transformers path.
     assert result["truncated"] == [True, True] and result["marker_in_prompts"] == [True, True]
-    assert all(n <= 1024 for n in result["prompt_tokens"])
+    assert all(n <= result["max_prompt_length"] for n in result["prompt_tokens"])
 
     # Rebuilt from scratch with the same seed: the same samples; another seed: other samples.
     assert responses["rebuilt"] == responses["first"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vllm_env import run_vllm_script
+from vllm_env import engine_dtype, run_vllm_script
 
 from trl_longreward import DIMENSIONS
 from trl_longreward.models import default_model_path
@@ -17,12 +17,13 @@ DEMO_ROWS = Path(__file__).resolve().parent.parent / "trl_longreward" / "data" /
 
 
 def test_vllm_judge_from_the_config_scores_every_row(tmp_path: Path) -> None:
+    dtype = engine_dtype()
     result = run_vllm_script(
-        "vllm_judge.py", tmp_path, str(default_model_path()), str(DEMO_ROWS), str(tmp_path / "cache.sqlite")
+        "vllm_judge.py", tmp_path, str(default_model_path()), str(DEMO_ROWS), str(tmp_path / "cache.sqlite"), dtype
     )
     # judge_engine_kwargs reached vllm.LLM: the engine runs with exactly those settings.
     assert result["backend"] == "VLLMJudge"
-    assert result["engine"] == {"max_model_len": 4096, "enforce_eager": True, "dtype": "torch.bfloat16", "seed": 0}
+    assert result["engine"] == {"max_model_len": 4096, "enforce_eager": True, "dtype": f"torch.{dtype}", "seed": 0}
     assert result["context_window"] == 4096
     assert len(result["rewards"]) == 4
     assert all(r is not None and 0.0 <= r <= 10.0 for r in result["rewards"]), result["statuses"]

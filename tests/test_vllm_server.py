@@ -181,13 +181,16 @@ def test_score_command_against_the_server(vllm_server: VLLMServer, tmp_path: Pat
 
 
 def test_dpo_step_with_the_vllm_judge(vllm_server: VLLMServer, tmp_path: Path) -> None:
-    """Two online DPO steps of a tiny policy judged by the vLLM server: pairs form, the loss is finite."""
+    """An online DPO step of a tiny policy judged by the vLLM server: one prompt, k = 2 samples (the fewest that make
+    a pair), every sample rewarded, the loss finite."""
     model_path = tiny_llama(tmp_path / "policy")
     judged = JudgedSteps()
     reward = _reward(vllm_server, tmp_path / "judge_cache.sqlite")
     trainer = LongContextDPOTrainer(
         model=model_path,
-        args=small_dpo_config(tmp_path / "out", max_steps=2, max_completion_length=16),
+        args=small_dpo_config(
+            tmp_path / "out", max_steps=1, per_device_train_batch_size=1, num_generations=2, max_completion_length=16
+        ),
         train_dataset=_dataset(),
         callbacks=[judged],
         reward_funcs=[reward],
@@ -196,7 +199,8 @@ def test_dpo_step_with_the_vllm_judge(vllm_server: VLLMServer, tmp_path: Path) -
     assert math.isfinite(result.training_loss)
     logged = [entry for entry in trainer.state.log_history if "long_reward/judge_calls" in entry]
     assert logged and logged[-1]["long_reward/judge_calls"] > 0, trainer.state.log_history
-    assert judged.steps and all(len(step.rewards) > 0 for step in judged.steps)
+    (step,) = judged.steps
+    assert len(step.rewards) == 2 and all(r is not None and 0.0 <= r <= 10.0 for r in step.rewards), step.rewards
     print(json.dumps(logged[-1], default=str)[:2000])
 
 

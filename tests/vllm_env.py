@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from servers import run_in_process_group
 
-__all__ = ["REPO_ROOT", "SCRIPTS", "run_vllm_script", "vllm_env", "vllm_python"]
+__all__ = ["REPO_ROOT", "SCRIPTS", "engine_dtype", "run_vllm_script", "vllm_env", "vllm_python"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "vllm_scripts"
@@ -34,6 +34,19 @@ def vllm_python() -> str:
     if not python.exists():
         pytest.fail(f"The vLLM environment is missing ({python} does not exist): {_INSTALL_HINT}.", pytrace=False)
     return str(python)
+
+
+def engine_dtype() -> str:
+    """The dtype the tests give CPU engines: bfloat16 where the CPU computes in it natively (AVX512-BF16 or AMX-BF16),
+    float32 elsewhere (on AVX2-only CPUs the CPU build's bfloat16 kernels are about twice as slow: see
+    benchmarks/results/vllm_cpu_threads_avx2.json). Read from /proc/cpuinfo here, apart from the package's own choice
+    (`trl_longreward.vllm_support.cpu_engine_dtype`), which `test_vllm_support.py` holds to the same rule."""
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
 def vllm_env(tmp_path: Path) -> dict[str, str]:

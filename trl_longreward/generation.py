@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .models import check_model_source, left_pad, truncate_at_eos, unpack_cpu_4bit_weights
-from .vllm_support import VLLM_INSTALL_HINT, check_vllm_version
+from .vllm_support import VLLM_INSTALL_HINT, check_vllm_version, cpu_engine_dtype, cpu_thread_settings
 
 
 @torch.no_grad()
@@ -199,7 +199,8 @@ def load_vllm_policy(
     token = eos when it has none, as `load_causal_lm`'s), so vLLM gets the very token ids the transformers path
     would. `max_model_length` None: the model's own. Prefix caching is off by default: a prompt whose KV comes from
     the cache is computed differently from one prefilled afresh, so samples would depend on what ran before (a rerun
-    or a shard would not draw the same ones)."""
+    or a shard would not draw the same ones). On a machine without CUDA, `dtype="auto"` is float32 on x86 CPUs without
+    native bfloat16, and a small machine's cores all go to the engine's worker (`trl_longreward.vllm_support`)."""
     require_vllm()
     import vllm
     from transformers import AutoTokenizer
@@ -209,15 +210,16 @@ def load_vllm_policy(
     tokenizer = AutoTokenizer.from_pretrained(str(name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    llm = vllm.LLM(
-        model=str(name),
-        dtype=dtype,
-        gpu_memory_utilization=gpu_memory_utilization,
-        max_model_len=max_model_length,
-        tensor_parallel_size=tensor_parallel_size,
-        enforce_eager=enforce_eager,
-        enable_prefix_caching=enable_prefix_caching,
-    )
+    with cpu_thread_settings():
+        llm = vllm.LLM(
+            model=str(name),
+            dtype=cpu_engine_dtype(dtype),
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_length,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+        )
     return llm, tokenizer
 
 

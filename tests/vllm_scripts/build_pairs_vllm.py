@@ -4,7 +4,9 @@ Python). One engine is built and shared by every run: a first build, a rebuild f
 resume after a crash-cut line, two shards and their merge, a build with another seed, and a greedy evaluation.
 Prints one JSON object on its last line.
 
-    python tests/vllm_scripts/build_pairs_vllm.py WORK_DIR
+    python tests/vllm_scripts/build_pairs_vllm.py WORK_DIR DTYPE
+
+Sized by tokens, not by a machine's speed: 2 prompts cut to 384 tokens, k = 4 samples of 16 tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 from pathlib import Path
 
 K = 4
-MAX_PROMPT_LENGTH = 1024
+MAX_PROMPT_LENGTH = 384
+MAX_COMPLETION_LENGTH = 16
 MAX_MODEL_LENGTH = 4096
 
 
-def main(work: str) -> dict:
+def main(work: str, dtype: str) -> dict:
     from trl_longreward.commands.build_pairs import BuildPairsArguments, build_pairs, merge_pair_shards
     from trl_longreward.commands.evaluate import EvaluateArguments, evaluate_models
     from trl_longreward.data import load_long_qa
@@ -38,7 +41,7 @@ def main(work: str) -> dict:
     load_long_qa("train").select(range(2)).select_columns(["context", "question"]).to_json(str(prompts))
 
     start = time.perf_counter()
-    llm, tokenizer = load_vllm_policy(model, dtype="bfloat16", max_model_length=MAX_MODEL_LENGTH, enforce_eager=True)
+    llm, tokenizer = load_vllm_policy(model, dtype=dtype, max_model_length=MAX_MODEL_LENGTH, enforce_eager=True)
     built_s = time.perf_counter() - start
     engine = llm.llm_engine.model_config
 
@@ -48,12 +51,12 @@ def main(work: str) -> dict:
             input=str(prompts),
             output_dir=str(root / name),
             num_generations=K,
-            max_completion_length=24,
+            max_completion_length=MAX_COMPLETION_LENGTH,
             max_prompt_length=MAX_PROMPT_LENGTH,
             batch_size=1,
             seed=3,
             tie_policy="first_last",
-            dtype="bfloat16",
+            dtype=dtype,
             use_vllm=True,
             vllm_max_model_length=MAX_MODEL_LENGTH,
             vllm_enforce_eager=True,
@@ -99,7 +102,7 @@ def main(work: str) -> dict:
                 output_dir=str(root / "eval"),
                 max_completion_length=16,
                 max_prompt_length=MAX_PROMPT_LENGTH,
-                dtype="bfloat16",
+                dtype=dtype,
                 use_vllm=True,
                 vllm_max_model_length=MAX_MODEL_LENGTH,
                 vllm_enforce_eager=True,
@@ -120,6 +123,8 @@ def main(work: str) -> dict:
         "built_s": built_s,
         "first_s": first_s,
         "k": K,
+        "max_prompt_length": MAX_PROMPT_LENGTH,
+        "max_completion_length": MAX_COMPLETION_LENGTH,
         "summaries": {
             "first": first,
             "rebuilt": rebuilt,
@@ -149,4 +154,4 @@ def main(work: str) -> dict:
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard keeps it from re-running this
-    print(json.dumps(main(sys.argv[1])), flush=True)
+    print(json.dumps(main(sys.argv[1], sys.argv[2])), flush=True)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-def main(model_dir: str, rows_path: str, cache_path: str) -> dict:
+def main(model_dir: str, rows_path: str, cache_path: str, dtype: str) -> dict:
     from trl_longreward.judges.base import ChatRequest, JudgeError
     from trl_longreward.records import read_jsonl
     from trl_longreward.reward import LongRewardConfig, LongRewardFunction
@@ -18,7 +18,7 @@ def main(model_dir: str, rows_path: str, cache_path: str) -> dict:
         judge_backend="vllm",
         judge_model=model_dir,
         # The engine's arguments, as a user passes them on the command line (a JSON object).
-        judge_engine_kwargs=json.dumps({"enforce_eager": True, "max_model_len": 4096, "dtype": "bfloat16", "seed": 0}),
+        judge_engine_kwargs=json.dumps({"enforce_eager": True, "max_model_len": 4096, "dtype": dtype, "seed": 0}),
         cache_path=cache_path,
         max_attempts=1,
         first_temperature=0.0,
@@ -101,4 +101,4 @@ def main(model_dir: str, rows_path: str, cache_path: str) -> dict:
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process: the guard keeps it from re-running this
-    print(json.dumps(main(*sys.argv[1:4])), flush=True)
+    print(json.dumps(main(*sys.argv[1:5])), flush=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from trl_longreward.judges.base import ChatRequest, JudgeError
 from trl_longreward.judges.batching import BatchingJudge, BatchResult
-from trl_longreward.vllm_support import VLLM_INSTALL_HINT, check_vllm_version
+from trl_longreward.vllm_support import VLLM_INSTALL_HINT, check_vllm_version, cpu_engine_dtype, cpu_thread_settings
 
 __all__ = ["VLLM_INSTALL_HINT", "VLLMJudge"]
 
@@ -20,7 +20,9 @@ class VLLMJudge(BatchingJudge):
     Args:
         model: a model path or hub id for `vllm.LLM`.
         max_batch_size: the most requests handed to one `LLM.chat` call.
-        **llm_kwargs: passed to `vllm.LLM` (e.g. `gpu_memory_utilization`, `max_model_len`, `dtype`, `seed`).
+        **llm_kwargs: passed to `vllm.LLM` (e.g. `gpu_memory_utilization`, `max_model_len`, `dtype`, `seed`). On a
+            machine without CUDA, a missing or "auto" `dtype` is float32 on x86 CPUs without native bfloat16, and a
+            small machine's cores all go to the engine's worker (`trl_longreward.vllm_support`).
 
     Raises:
         ImportError: vLLM is not installed (the message names the extra to install).
@@ -34,7 +36,11 @@ class VLLMJudge(BatchingJudge):
             raise ImportError(f"VLLMJudge needs vLLM. Install it with: {VLLM_INSTALL_HINT}") from exc
         check_vllm_version(vllm)
         self._sampling_params_cls = vllm.SamplingParams
-        self.llm = vllm.LLM(model=model, **llm_kwargs)
+        dtype = cpu_engine_dtype(llm_kwargs.get("dtype"))
+        if dtype is not None:
+            llm_kwargs["dtype"] = dtype
+        with cpu_thread_settings():
+            self.llm = vllm.LLM(model=model, **llm_kwargs)
         self.model_id = model
         self._max_model_len = _max_model_len(self.llm)
 

@@ -12,7 +12,8 @@ may live in an environment of its own), in its own process group, stopped with e
 entry point is used rather than `vllm serve` because the CPU build's console script looks its version up under the
 distribution name `vllm`, which that build does not have. `enforce_eager` defaults to True: compiled mode recompiles at
 every start and its greedy answers vary slightly between starts, so eager is the mode whose judge answers (and cache
-entries) are reproducible.
+entries) are reproducible. On a machine without CUDA the server gets the CPU settings of `trl_longreward.vllm_support`
+unless told otherwise: every core of a small machine for its worker, float32 on CPUs without native bfloat16.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from trl_longreward.vllm_support import cpu_engine_dtype, cpu_thread_env
 
 __all__ = ["VLLMServer", "parse_prometheus", "stop_process_group"]
 
@@ -78,7 +81,7 @@ class VLLMServer:
         port: int | None = None,
         served_model_name: str | None = None,
         max_model_len: int | None = 8192,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         enforce_eager: bool = True,
         seed: int | None = 0,
         extra_args: Sequence[str] = (),
@@ -92,9 +95,12 @@ class VLLMServer:
             python: the interpreter of the environment vLLM is installed in; defaults to this one.
             host, port: where to listen; `port=None` takes a free port.
             served_model_name: the model name requests use; defaults to `model`.
-            max_model_len, dtype, enforce_eager, seed: the engine settings of the same names.
+            max_model_len, dtype, enforce_eager, seed: the engine settings of the same names; `dtype=None` is
+                bfloat16, except float32 on an x86 CPU without native bfloat16 (`vllm_support.cpu_engine_dtype`).
             extra_args: more command-line arguments for the server.
-            env: environment variables added to this process's (e.g. `VLLM_CPU_KVCACHE_SPACE`).
+            env: environment variables added to this process's (e.g. `VLLM_CPU_KVCACHE_SPACE`); without
+                `VLLM_CPU_OMP_THREADS_BIND` here or in this process's, a small CPU machine's cores all go to the
+                worker (`vllm_support.cpu_thread_env`).
             timeout: seconds to wait for the server to become healthy.
 
         Raises:
@@ -104,6 +110,7 @@ class VLLMServer:
             raise ValueError(f"host={host!r}: VLLMServer serves on loopback only (127.0.0.1, localhost or ::1).")
         port = port or _free_port(host)
         name = served_model_name or str(model)
+        dtype = cpu_engine_dtype(dtype) or "bfloat16"
         command = [str(python or sys.executable), "-m", _ENTRY_POINT, "--model", str(model)]
         command += ["--host", host, "--port", str(port), "--served-model-name", name, "--dtype", dtype]
         if max_model_len is not None:
@@ -127,6 +134,7 @@ class VLLMServer:
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
+            **cpu_thread_env({**os.environ, **(env or {})}),
             **(env or {}),
         }
         with open(log_path, "wb") as log:
