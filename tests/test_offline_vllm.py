@@ -59,7 +59,9 @@ def test_build_pairs_with_vllm_samples_k_seeded_responses_and_writes_pairs(tmp_p
     assert len(responses["first"]) == 2
     for samples in responses["first"]:
         assert len(samples) == k and len(set(samples)) == k and all(samples)
-    assert max(result["completion_tokens"]) <= result["max_completion_length"] + 1  # re-tokenizing the decoded text may add a token
+    assert (
+        max(result["completion_tokens"]) <= result["max_completion_length"] + 1
+    )  # re-tokenizing the decoded text may add a token
     # Each prompt its own seed, num_generations apart (vLLM's j-th sample: seed + j).
     assert result["seeds"] == [3, 3 + k]
     # The documents (~4.7k tokens) are cut in the middle to max_prompt_length, as on the transformers path.

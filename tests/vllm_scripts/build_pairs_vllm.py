@@ -6,7 +6,7 @@ Prints one JSON object on its last line.
 
     python tests/vllm_scripts/build_pairs_vllm.py WORK_DIR DTYPE
 
-Sized by tokens, not by a machine's speed: 2 prompts cut to 384 tokens, k = 4 samples of 16 tokens.
+Sized by tokens, not by a machine's speed: 2 prompts cut to 256 tokens, k = 3 samples of 16 tokens.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-K = 4
-MAX_PROMPT_LENGTH = 384
+K = 3
+MAX_PROMPT_LENGTH = 256
 MAX_COMPLETION_LENGTH = 16
 MAX_MODEL_LENGTH = 4096
 

@@ -38,7 +38,7 @@ def main(model_dir: str, rows_path: str, cache_path: str, dtype: str) -> dict:
     judge = reward.judge
     engine_config = judge.llm.llm_engine.model_config
     built_s = time.perf_counter() - start
-    rows = list(read_jsonl(Path(rows_path)))
+    rows = list(read_jsonl(Path(rows_path)))[:2]  # two rows: every dimension's pipeline, sized by judge calls
     start = time.perf_counter()
     judgements = reward.score(
         completions=[r["response"] for r in rows],
@@ -71,9 +71,9 @@ def main(model_dir: str, rows_path: str, cache_path: str, dtype: str) -> dict:
         judge=judge,
     )
     structured_judgements = structured.score(
-        completions=[r["response"] for r in rows[:2]],
-        context=[r["context"] for r in rows[:2]],
-        question=[r["question"] for r in rows[:2]],
+        completions=[r["response"] for r in rows[:1]],
+        context=[r["context"] for r in rows[:1]],
+        question=[r["question"] for r in rows[:1]],
     )
     structured_counts = structured.call_counts()
     reward.close()

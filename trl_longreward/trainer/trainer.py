@@ -234,7 +234,10 @@ class LongContextDPOTrainer(DPOTrainer):
         #: async_judging: batches sampled and judged but never trained on (training stopped before them)
         self.untrained_batches: list[dict[str, Any]] = []
         # Trainer gave every rank the same seed, so all ranks would sample the same tokens; offset it by the rank,
-        # as TRL's GRPOTrainer does. Data sharding is unaffected: the samplers have their own seeded generators.
+        # as TRL's GRPOTrainer does. The data order must not follow: Accelerate's seedable sampler seeds itself
+        # from `torch.initial_seed()` unless given a data seed, and a per-rank seed would give each rank its own
+        # shuffle (prompts judged twice and never within one epoch). Every rank gets args.data_seed, else args.seed.
+        self.accelerator.dataloader_config.data_seed = args.data_seed if args.data_seed is not None else args.seed
         set_seed(args.seed, device_specific=True)
 
     # ----- data -----
