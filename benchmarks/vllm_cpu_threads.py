@@ -45,16 +45,17 @@ def _settings(num_cores: int) -> dict[str, dict]:
 
 
 def _cpu_facts() -> dict:
-    flags: set[str] = set()
+    from trl_longreward.vllm_support import cpu_flags
+
+    flags = cpu_flags()
     model = platform.processor()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
         pass
     return {
         "cpu": model,

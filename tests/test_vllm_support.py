@@ -70,18 +70,18 @@ def test_engine_dtype_is_float32_on_x86_cpus_without_native_bfloat16(
     monkeypatch, no_cuda, machine, flags, requested, expected
 ) -> None:
     monkeypatch.setattr(support.platform, "machine", lambda: machine)
-    monkeypatch.setattr(support, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(support, "cpu_flags", lambda: flags)
     assert support.cpu_engine_dtype(requested) == expected
 
 
 def test_engine_dtype_on_a_cuda_machine_is_vllms_choice(monkeypatch) -> None:
     monkeypatch.setattr(support, "_has_cuda", lambda: True)
-    monkeypatch.setattr(support, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(support, "cpu_flags", lambda: {"avx2"})
     assert support.cpu_engine_dtype("auto") == "auto"
 
 
 def test_this_machines_cpu_flags_are_read() -> None:
-    flags = support._cpu_flags()
+    flags = support.cpu_flags()
     if Path("/proc/cpuinfo").exists() and support.platform.machine() == "x86_64":
         assert {"sse2"} <= flags
 
@@ -108,7 +108,7 @@ def _start_fake(tmp_path: Path, monkeypatch, **kwargs) -> dict:
 
 def test_the_server_gets_the_cpu_settings(tmp_path, monkeypatch, no_cuda) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(support, "_cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(support, "cpu_flags", lambda: {"avx2"})
     monkeypatch.setattr(support.platform, "machine", lambda: "x86_64")
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
@@ -122,7 +122,7 @@ def test_the_server_gets_the_cpu_settings(tmp_path, monkeypatch, no_cuda) -> Non
 
 
 def test_the_server_on_a_cpu_with_native_bfloat16_runs_in_bfloat16(tmp_path, monkeypatch, no_cuda) -> None:
-    monkeypatch.setattr(support, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(support, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     seen = _start_fake(tmp_path, monkeypatch)
     assert seen["argv"][seen["argv"].index("--dtype") + 1] == "bfloat16"
 

@@ -30,6 +30,7 @@ __all__ = [
     "VLLM_INSTALL_HINT",
     "check_vllm_version",
     "cpu_engine_dtype",
+    "cpu_flags",
     "cpu_thread_env",
     "cpu_thread_settings",
     "vllm_version_problem",
@@ -90,7 +91,8 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("flags"):
@@ -123,7 +125,7 @@ def cpu_engine_dtype(requested: str | None = None) -> str | None:
         return requested
     if platform.machine().lower() not in ("x86_64", "amd64") or _has_cuda():
         return requested
-    if _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return requested
     return "float32"
 
