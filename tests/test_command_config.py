@@ -26,7 +26,7 @@ def test_dimension_weights_parse_from_a_json_flag():
         ["--dimension_weights", '{"faithfulness": 2, "helpfulness": 0.5}']
     )
     assert config.dimension_weights == {"faithfulness": 2, "helpfulness": 0.5}
-    assert config.weight("faithfulness") == 2.0 and config.weight("logicality") == 0.0
+    assert config.weight("faithfulness") == 2.0 and config.weight("logicality") == 1.0  # unnamed: weight 1
     with pytest.raises(ValueError, match="dimension_weights=.*is not a JSON object"):
         LongRewardConfig(dimension_weights="faithfulness=2")
 

@@ -2,11 +2,13 @@
 
 `judge_calls` counts logical calls, `judge_requests` every HTTP request (transport retries included), and every
 failure and unparseable answer is counted once, by the call that sent it: identical calls in flight share one judge
-call and count as `shared_calls`, not as cache hits and not as extra failures.
+call and count as `shared_calls`, not as cache hits and not as extra failures. Two batches judged at once by one
+reward each count their own calls.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -157,3 +159,92 @@ def test_counts_under_random_faults_match_the_servers_log(max_retries: int, faul
         assert stats["judge_calls"] == stats["judge_requests"]
     for key in ("judge_calls", "cache_hits", "shared_calls", "verdict_followups"):
         assert metrics[f"long_reward/{key}"] == stats[key]
+
+
+# Two batches judged at once by one reward: each names itself in every sentence of its answers, so the server's log
+# tells which batch each request came from (the judge prompts carry the response, or a statement taken from it).
+BATCH_NAMES = ("Aquila", "Borealis")
+CONCURRENT_FAULTS = ("500", "no_verdict")
+
+
+def named_answers(name: str, n: int = 4) -> list[str]:
+    return [
+        f"The {name} council built a flood barrier in 1998 ({i}). The {name} barrier cost four million pounds."
+        for i in range(n)
+    ]
+
+
+def batch_of(body: dict) -> str:
+    prompt = body["messages"][-1]["content"]
+    (name,) = [name for name in BATCH_NAMES if name in prompt]
+    return name
+
+
+@pytest.mark.timeout(300)
+def test_two_batches_judged_at_once_in_two_threads_each_count_only_their_own_calls() -> None:
+    """Two threads call `score_batch` on one reward at the same time (a background judging thread and an evaluation
+    callback do): each batch's metrics count the requests that batch caused, exactly, and the two add up to the
+    server's count. Faults (500s, answers without a verdict) land on both batches; each counts its own."""
+    with ScriptedOpenAIServer(
+        ScriptedLongRewardJudge(), latency_s=0.15, fault_rate=0.25, faults=CONCURRENT_FAULTS, seed=3
+    ) as server:
+        reward = LongRewardFunction(
+            judge=OpenAIJudge("scripted-judge", server.base_url, max_concurrency=16, max_retries=0),
+            retriever="bm25",
+            chunk_tokenizer="regex",
+            dimensions=["helpfulness", "logicality", "faithfulness"],  # no per-prompt work shared by the batches
+            max_attempts=2,
+        )
+        start = threading.Barrier(len(BATCH_NAMES))
+        metrics: dict[str, dict[str, float]] = {}
+        scoped: dict[str, dict[str, int]] = {}
+
+        def judge_batch(name: str) -> None:
+            start.wait()
+            with reward.counting() as counts:  # the same counts, kept by the caller around its own calls
+                metrics[name] = reward.score_batch(**rows(named_answers(name)))[1]
+            scoped[name] = counts.totals()
+
+        try:
+            threads = [threading.Thread(target=judge_batch, args=(name,)) for name in BATCH_NAMES]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            stats = reward.stats()
+        finally:
+            reward.close()
+        log = settled_log(server)
+        bodies = list(server.requests)
+    assert sorted(metrics) == sorted(BATCH_NAMES)
+    by_batch = {name: [e for e, b in zip(log, bodies, strict=True) if batch_of(b) == name] for name in BATCH_NAMES}
+    # The batches really ran at the same time: each one's requests began before the other's ended.
+    first, second = ([e["arrived"] for e in by_batch[name]] for name in BATCH_NAMES)
+    assert min(first) < max(second) and min(second) < max(first)
+    outcomes = Counter(entry["outcome"] for entry in log)
+    assert outcomes["500"] > 0 and outcomes["no_verdict"] > 0, outcomes
+    for name in BATCH_NAMES:
+        mine, own = by_batch[name], metrics[name]
+        reported = {key: own[f"long_reward/{key}"] for key in ("judge_calls", "judge_requests")}
+        assert reported == {"judge_calls": len(mine), "judge_requests": len(mine)}, name  # max_retries=0
+        assert own["long_reward/judge_errors"] == sum(e["outcome"] == "500" for e in mine), name
+        assert own["long_reward/parse_failures"] == sum(e["outcome"] == "no_verdict" for e in mine), name
+        assert scoped[name] == {key[len("long_reward/") :]: int(v) for key, v in own.items() if key in _COUNTS}
+    for key in ("judge_calls", "judge_requests", "judge_errors", "parse_failures", "shared_calls", "cache_hits"):
+        assert sum(metrics[name][f"long_reward/{key}"] for name in BATCH_NAMES) == stats[key], key
+    assert stats["judge_calls"] == stats["judge_requests"] == server.num_chat_requests == len(log)
+
+
+_COUNTS = {
+    f"long_reward/{key}"
+    for key in (
+        "judge_calls",
+        "judge_requests",
+        "cache_hits",
+        "shared_calls",
+        "parse_failures",
+        "judge_errors",
+        "permanent_judge_errors",
+        "verdict_followups",
+    )
+}

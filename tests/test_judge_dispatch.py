@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from trl_longreward import LongRewardConfig, OpenAIJudge
-from trl_longreward.judges.base import ChatRequest, JudgeError
+from trl_longreward.judges.base import ChatRequest, JudgeError, request_meter
 from trl_longreward.judges.endpoints import EndpointPool, parse_base_urls
 from trl_longreward.reward.judge_factory import build_judge
 from trl_longreward.testing import ScriptedOpenAIServer
@@ -271,3 +271,43 @@ def test_benchmark_quick_run_writes_finite_ratios(tmp_path):
         assert run["cache_hits"] == 0 and run["calls_received"] == result["reference_calls"]["total"]
     assert math.isfinite(result["runs"][1]["scaling_efficiency"])
     assert "wall/ideal" in done.stdout
+
+
+# Faults that fail an attempt: an error status, a dropped connection, a body cut short, a body that is not JSON.
+ATTEMPT_FAULTS = ("500", "503", "429", "disconnect", "truncated", "malformed")
+
+
+def test_endpoint_stats_count_every_request_sent_and_every_failed_one():
+    """Per endpoint, `attempts` is every HTTP request sent to it (the client's own retries included) and `failures`
+    every attempt that failed: they equal what each server received and the faults it injected, and the attempts
+    add up to the judge's `http_requests` and to the requests metered for the calls (`judge_requests`)."""
+    running = [
+        ScriptedOpenAIServer(verdict, latency_s=0.02, fault_rate=0.3, faults=ATTEMPT_FAULTS, seed=seed).start()
+        for seed in (9, 27)  # seeds whose first 22 draws hold every kind of fault
+    ]
+    judge = OpenAIJudge(
+        "scripted-judge", [s.base_url for s in running], max_concurrency=4, max_retries=2, endpoint_cooldown=0.05
+    )
+
+    async def main() -> tuple[list[str | JudgeError], int]:
+        try:
+            with request_meter() as sent:
+                results = await judge.agenerate(requests(40))
+            return results, sent[0]
+        finally:
+            await judge.aclose()
+
+    try:
+        results, metered = asyncio.run(main())
+    finally:
+        for server in running:
+            server.stop()
+    assert sum(isinstance(r, str) for r in results) >= 30
+    stats = judge.endpoint_stats()
+    faults = [sum(s.num_faults.values()) for s in running]
+    assert min(faults) > 0 and all(set(s.num_faults) <= set(ATTEMPT_FAULTS) for s in running)
+    assert [(e["attempts"], e["failures"]) for e in stats] == [
+        (s.num_chat_requests, n) for s, n in zip(running, faults, strict=True)
+    ]
+    assert sum(e["attempts"] for e in stats) == judge.stats.http_requests == metered
+    assert sum(e["attempts"] for e in stats) > sum(e["calls"] for e in stats)  # the client's retries are in

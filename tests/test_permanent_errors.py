@@ -147,13 +147,12 @@ def test_resume_judges_transient_failures_again_but_not_permanent_ones(tmp_path:
     output.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert resume_jsonl(output) == {0, 2}
     # A batch whose every sent call was refused is recorded; one whose every call failed transiently is not.
-    before = {"judge_calls": 0, "judge_errors": 0, "permanent_judge_errors": 0}
     check_judge_answered(
-        [], before, {"judge_calls": 3, "judge_errors": 3, "permanent_judge_errors": 3}, rows="r", output=output
+        [], {"judge_calls": 3, "judge_errors": 3, "permanent_judge_errors": 3}, rows="r", output=output
     )
     with pytest.raises(RuntimeError, match="answered none"):
         check_judge_answered(
-            [], before, {"judge_calls": 3, "judge_errors": 3, "permanent_judge_errors": 0}, rows="r", output=output
+            [], {"judge_calls": 3, "judge_errors": 3, "permanent_judge_errors": 0}, rows="r", output=output
         )
 
 

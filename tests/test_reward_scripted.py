@@ -136,9 +136,12 @@ def test_zero_statement_policy(make_reward, policy, expected):
 
 
 def test_weights_and_dimension_subsets(make_reward):
-    weighted = make_reward(dimension_weights={"helpfulness": 1, "logicality": 1, "faithfulness": 2, "completeness": 0})
+    # unnamed dimensions weigh 1; a dimension left out is not judged (a weight of 0 is refused: it would be paid for)
+    weighted = make_reward(
+        dimensions=["helpfulness", "logicality", "faithfulness"], dimension_weights={"faithfulness": 2}
+    )
     (judgement,) = weighted.score(**_rows(PARTLY_WRONG))
-    assert judgement.reward == pytest.approx((8 + 9 + 2 * 5) / 4)
+    assert judgement.reward == pytest.approx((8 + 9 + 2 * 5) / 4) and "completeness" not in judgement.scores
     only_two = make_reward(dimensions=["helpfulness", "logicality"])
     (judgement,) = only_two.score(**_rows(GOOD))
     assert judgement.reward == pytest.approx(8.5) and set(judgement.scores) == {"helpfulness", "logicality"}

@@ -266,9 +266,9 @@ class LongRewardCallback(TrainerCallback):
                 device=accelerator.device,
             )
         generated = time.perf_counter()
-        before = reward.call_counts()
-        judgements = self._judge(reward, rows, [a["text"] for a in answers]) if rows else []
-        after = reward.call_counts()
+        # This evaluation's own judge calls, exact while a trainer judges with the same reward in another thread.
+        with reward.counting() as cost:
+            judgements = self._judge(reward, rows, [a["text"] for a in answers]) if rows else []
         records = []
         for row, answer, judgement in zip(rows, answers, judgements, strict=True):
             data = judgement.to_dict()
@@ -285,7 +285,7 @@ class LongRewardCallback(TrainerCallback):
             "records": records,
             "generation_s": generated - started,
             "judging_s": time.perf_counter() - generated,
-            "cost": {key: after[key] - before.get(key, 0) for key in after},
+            "cost": cost.totals(),
         }
 
     @staticmethod

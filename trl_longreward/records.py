@@ -142,16 +142,14 @@ def _first_judge_error(value: Any, prefix: str = _TRANSIENT) -> str | None:
     return None
 
 
-def check_judge_answered(
-    judgements: Sequence[Any], before: dict[str, int], after: dict[str, int], *, rows: str, output: Path
-) -> None:
+def check_judge_answered(judgements: Sequence[Any], counts: dict[str, int], *, rows: str, output: Path) -> None:
     """Refuse to record a batch of which the judge answered no call at all (server down, wrong URL, not an
-    OpenAI-compatible API): its rows would be written as unscored, and a rerun would skip them. `before` / `after`
-    are the reward's `call_counts()` around the batch; raises `RuntimeError` with the judge's first error. A call the
-    judge refused (a permanent error) was answered: the judge works, the request was bad."""
-    sent = after["judge_calls"] - before["judge_calls"]
-    failed = after["judge_errors"] - before["judge_errors"]
-    failed -= after.get("permanent_judge_errors", 0) - before.get("permanent_judge_errors", 0)
+    OpenAI-compatible API): its rows would be written as unscored, and a rerun would skip them. `counts` are the
+    batch's own call counts (`with reward.counting() as cost: ...`, then `cost.totals()`); raises `RuntimeError` with
+    the judge's first error. A call the judge refused (a permanent error) was answered: the judge works, the request
+    was bad."""
+    sent = counts["judge_calls"]
+    failed = counts["judge_errors"] - counts.get("permanent_judge_errors", 0)
     if sent == 0 or failed < sent:
         return
     error = _first_judge_error([j.trace for j in judgements]) or "(no error text)"

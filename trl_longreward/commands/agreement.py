@@ -358,12 +358,12 @@ def _judge_answers(reward, name, identity, todo, answers, judged, out, args, bar
         for start in range(0, len(todo), args.judge_batch_size):
             batch = todo[start : start + args.judge_batch_size]
             contexts, questions, texts = zip(*(answers[k] for k in batch), strict=True)
-            before = reward.call_counts()
-            judgements = reward.score(
-                completions=list(texts),
-                **{config.context_column: list(contexts), config.question_column: list(questions)},
-            )
-            check_judge_answered(judgements, before, reward.call_counts(), rows=f"{len(batch)} answers", output=path)
+            with reward.counting() as cost:
+                judgements = reward.score(
+                    completions=list(texts),
+                    **{config.context_column: list(contexts), config.question_column: list(questions)},
+                )
+            check_judge_answered(judgements, cost.totals(), rows=f"{len(batch)} answers", output=path)
             for key, judgement in zip(batch, judgements, strict=True):
                 data = judgement.to_dict()
                 record = {"judge": identity, "answer_sha": key, **{k: data[k] for k in ("reward", "scores", "status")}}

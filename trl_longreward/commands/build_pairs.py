@@ -442,14 +442,10 @@ def _sample_and_judge(
                 # Prompts of the group that are already done were regenerated only to keep what the group draws: the
                 # seed's stream (transformers), the batch vLLM computes (its numerics depend on the batch).
                 todo_here = [(i, prompts[j], samples[j]) for j, i in enumerate(group) if i in wanted]
-                before = reward.call_counts()
-                records, judgements = _judge_group(reward, config, args, tokenizer, rows, todo_here)
+                with reward.counting() as cost:
+                    records, judgements = _judge_group(reward, config, args, tokenizer, rows, todo_here)
                 check_judge_answered(
-                    judgements,
-                    before,
-                    reward.call_counts(),
-                    rows=f"prompts {group[0]}-{group[-1]}",
-                    output=samples_path,
+                    judgements, cost.totals(), rows=f"prompts {group[0]}-{group[-1]}", output=samples_path
                 )
                 for record in records:
                     record["seed"] = _prompt_seed(args, group, record["index"])

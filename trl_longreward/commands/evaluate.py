@@ -558,14 +558,12 @@ def _judge(
                     for n, (m, i) in enumerate(batch)
                 ]
                 if args.long_reward:
-                    before = reward.call_counts()
-                    judgements = reward.score(
-                        completions=texts, **{config.context_column: contexts, config.question_column: questions}
-                    )
+                    with reward.counting() as cost:
+                        judgements = reward.score(
+                            completions=texts, **{config.context_column: contexts, config.question_column: questions}
+                        )
                     # a judge that answered no call at all: stop before writing lines that would look judged
-                    check_judge_answered(
-                        judgements, before, reward.call_counts(), rows=f"{len(batch)} answers", output=path
-                    )
+                    check_judge_answered(judgements, cost.totals(), rows=f"{len(batch)} answers", output=path)
                     for record, judgement in zip(records, judgements, strict=True):
                         data = judgement.to_dict()
                         record.update({k: data[k] for k in ("reward", "scores", "status", "trace")})

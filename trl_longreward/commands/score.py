@@ -111,14 +111,10 @@ def run_score(args: ScoreArguments, config: LongRewardConfig) -> dict[str, Any]:
                 batch = rows.select(indices)
                 kwargs = {c: batch[c] for c in (config.context_column, config.question_column) if c in columns}
                 prompts = batch[args.prompt_column] if args.prompt_column in columns else None
-                before = reward.call_counts()
-                judgements = reward.score(prompts=prompts, completions=batch[args.response_column], **kwargs)
+                with reward.counting() as cost:
+                    judgements = reward.score(prompts=prompts, completions=batch[args.response_column], **kwargs)
                 check_judge_answered(
-                    judgements,
-                    before,
-                    reward.call_counts(),
-                    rows=f"rows {indices[0]}-{indices[-1]} of --input",
-                    output=output,
+                    judgements, cost.totals(), rows=f"rows {indices[0]}-{indices[-1]} of --input", output=output
                 )
                 for index, judgement in zip(indices, judgements, strict=True):
                     record = {"index": index, **judgement.to_dict()}

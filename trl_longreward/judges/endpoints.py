@@ -109,7 +109,11 @@ def redact_url(url: str) -> str:
 
 @dataclass(eq=False)
 class Endpoint:
-    """One judge replica: its URL, load, health and counters. `client` is the transport the judge attaches."""
+    """One judge replica: its URL, load, health and counters. `client` is the transport the judge attaches.
+
+    `calls` counts the calls dispatched here (one slot each, `EndpointPool.acquire`). The judge that makes the
+    requests counts `attempts` (every request sent here, its transport's own retries included, as the server counts
+    them) and `failures` (every attempt that brought no answer); the pool only reads them."""
 
     index: int
     url: str
@@ -119,7 +123,8 @@ class Endpoint:
     max_in_flight: int = 0
     calls: int = 0
     affine_calls: int = 0  # calls sent here because this replica is their affinity key's home
-    failures: int = 0
+    attempts: int = 0  # requests sent here, retries included
+    failures: int = 0  # attempts that failed (an error status, no response, a broken body)
     times_taken_out: int = 0
     out_since: float | None = None  # when it left rotation; None while in rotation
     back_at: float = 0.0  # when it may be probed again
@@ -144,6 +149,7 @@ class Endpoint:
             "in_rotation": self.in_rotation,
             "calls": self.calls,
             "affine_calls": self.affine_calls,
+            "attempts": self.attempts,
             "failures": self.failures,
             "times_taken_out": self.times_taken_out,
             "seconds_out_of_rotation": round(self.seconds_out + current, 3),
@@ -322,8 +328,6 @@ class EndpointPool:
         None, the call failed for a reason that says nothing about the endpoint (a bad request, a wrong key)."""
         endpoint, now = dispatch.endpoint, self.clock()
         endpoint.in_flight -= 1
-        if healthy is False:
-            endpoint.failures += 1
         # An answer to a call sent before the endpoint was taken out says nothing about it now.
         current = endpoint.out_since is None or dispatch.started >= endpoint.out_since
         full_scan = False
@@ -349,7 +353,8 @@ class EndpointPool:
         loop.call_later(delay + 0.001, functools.partial(self._wake, full_scan=True))
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per endpoint: URL (without credentials), in rotation or not, calls, failures, times taken out, seconds out
-        of rotation, calls in flight and the most ever in flight."""
+        """Per endpoint: URL (without credentials), in rotation or not, calls dispatched (`affine_calls` of them to
+        their affinity key's home), attempts (requests sent, retries included) and failed attempts as the judge
+        counted them, times taken out, seconds out of rotation, calls in flight and the most ever in flight."""
         now = self.clock()
         return [endpoint.snapshot(now) for endpoint in self.endpoints]

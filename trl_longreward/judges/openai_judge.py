@@ -8,10 +8,12 @@ cache serves them), and a replica that fails is taken out for a cool-down (see `
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +28,7 @@ from .base import (
     record_requests,
 )
 from .cache import CONTEXT_LIMITS
-from .endpoints import Dispatch, EndpointPool, current_affinity, parse_base_urls, redact_url
+from .endpoints import Dispatch, Endpoint, EndpointPool, current_affinity, parse_base_urls, redact_url
 from .loops import JudgeLoop
 
 
@@ -41,6 +43,54 @@ class _Attempt:
     failover: bool = False
     permanent: int | None = None  # the HTTP status when the judge refused the request itself (400, 413, 422)
     fatal: JudgeFatalError | None = None  # every call would fail the same way (401, 403): stop the run
+
+
+@dataclass(eq=False)
+class _Tally:
+    """Where the HTTP requests of one attempt on one endpoint are counted, as the client sends them (its own
+    retries included): the endpoint's `attempts` and `failures`, the judge's `stats.http_requests`, and the running
+    judge call's request meter (`record_requests`, the reward's `judge_requests`)."""
+
+    judge: OpenAIJudge
+    endpoint: Endpoint
+
+    def sent(self) -> None:
+        self.endpoint.attempts += 1
+        self.judge.stats.add(http_requests=1)
+        record_requests(1)
+
+    def failed(self) -> None:
+        self.endpoint.failures += 1
+
+
+# The attempt whose requests the client sends in this context (set by `OpenAIJudge._attempt`); None: not counted
+# (the `GET /v1/models` that asks what a server serves).
+_TALLY: ContextVar[_Tally | None] = ContextVar("trl_longreward_attempt_tally", default=None)
+
+
+@functools.cache
+def _counting_http_client_class() -> type:
+    """The `openai` SDK's default async HTTP client (its timeouts, connection limits, redirects, proxies), counting
+    each request it sends for the attempt running in its context (`_TALLY`): every `send` is one HTTP request, the
+    SDK's own retries included, and one that raises or answers an error status is a failed attempt."""
+    import openai
+
+    class CountingHttpClient(openai.DefaultAsyncHttpxClient):
+        async def send(self, request: Any, **kwargs: Any) -> Any:
+            tally = _TALLY.get()
+            if tally is None:
+                return await super().send(request, **kwargs)
+            tally.sent()
+            try:
+                response = await super().send(request, **kwargs)
+            except BaseException:  # no response, or a body cut short (read here: the SDK does not stream it)
+                tally.failed()
+                raise
+            if response.is_error:
+                tally.failed()
+            return response
+
+    return CountingHttpClient
 
 
 class OpenAIJudge(Judge):
@@ -89,15 +139,19 @@ class OpenAIJudge(Judge):
     request is made). The context window a server reports (`max_model_len`, the smallest over replicas) keys only
     stored permanent failures. While no endpoint could be asked, calls go uncached.
 
-    `stats.http_requests` counts every request sent (attempts, transport retries included), as the server sees them.
+    `stats.http_requests` counts every request sent (attempts, transport retries included), as the server sees them:
+    the client's HTTP transport counts each request as it leaves, so the client's own retries are in.
 
-    `endpoint_stats()` reports calls, failures and time out of rotation per endpoint.
+    `endpoint_stats()` reports per endpoint the calls dispatched to it, the `attempts` (HTTP requests sent to it,
+    retries included: they add up to `stats.http_requests`) and `failures` (attempts that brought no answer: an error
+    status, no response or a timeout, a body cut short or not JSON, a completion without message content), and its
+    time out of rotation.
 
     The API key is read from the environment variable `api_key_env` when the clients are built and is held only by
     the client objects: it is not an attribute of this judge, not part of `describe()` or the stats, not pickled.
     """
 
-    counts_requests = True  # `_attempt` reports every HTTP request it sends (`record_requests`)
+    counts_requests = True  # the client reports every HTTP request it sends (`record_requests`, see `_Tally`)
 
     def __init__(
         self,
@@ -169,8 +223,10 @@ class OpenAIJudge(Judge):
         self._loop = None
 
     def endpoint_stats(self) -> list[dict[str, Any]]:
-        """Per endpoint: URL (credentials removed), in rotation or not, calls sent (attempts), failures, times taken
-        out of rotation, seconds out of rotation, calls in flight now and the most ever in flight."""
+        """Per endpoint: URL (credentials removed), in rotation or not, `calls` dispatched to it (`affine_calls` of
+        them to their affinity key's home), `attempts` (HTTP requests sent, the client's retries included, as the
+        server counts them), `failures` (attempts that brought no answer), times taken out of rotation, seconds out
+        of rotation, calls in flight now and the most ever in flight."""
         return self._pool.stats()
 
     @property
@@ -188,7 +244,11 @@ class OpenAIJudge(Judge):
             api_key = os.environ.get(self.api_key_env) or "EMPTY"  # local servers accept any key
             for endpoint in self._pool.endpoints:
                 endpoint.client = openai.AsyncOpenAI(
-                    base_url=endpoint.url, api_key=api_key, timeout=self.timeout, max_retries=self.max_retries
+                    base_url=endpoint.url,
+                    api_key=api_key,
+                    timeout=self.timeout,
+                    max_retries=self.max_retries,
+                    http_client=_counting_http_client_class()(timeout=self.timeout),  # counts every attempt
                 )
             self._pool.rebind()
             self._loop = loop
@@ -235,6 +295,8 @@ class OpenAIJudge(Judge):
         retries = 0 if dispatch.probe else self.max_retries
         url = redact_url(dispatch.endpoint.url)
         used = 0  # retries spent so far, by the client (transport errors) and here (malformed bodies)
+        tally = _Tally(self, dispatch.endpoint)
+        token = _TALLY.set(tally)  # the client counts every request it sends for this attempt, retries included
         try:
             while True:
                 # The client's own retries get whatever is left of the budget.
@@ -243,25 +305,21 @@ class OpenAIJudge(Judge):
                     if used == 0 and retries == self.max_retries
                     else client.with_options(max_retries=retries - used)
                 )
-                try:
-                    raw = await sender.chat.completions.with_raw_response.create(
-                        model=self.model_id,
-                        messages=list(request.messages),
-                        temperature=request.temperature,
-                        top_p=request.top_p,
-                        max_tokens=request.max_tokens,
-                        extra_body=_extra_body(self.extra_body, request),
-                    )
-                except openai.APIError as err:
-                    self._count_http(_requests_sent(err))
-                    raise
-                self._count_http(1 + raw.retries_taken)
+                raw = await sender.chat.completions.with_raw_response.create(
+                    model=self.model_id,
+                    messages=list(request.messages),
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    max_tokens=request.max_tokens,
+                    extra_body=_extra_body(self.extra_body, request),
+                )
                 used += raw.retries_taken
                 try:
                     completion = raw.parse()
                     break
                 except ValueError as err:
                     # A 200 whose body is not JSON (a broken proxy): the client does not retry it, so we do.
+                    tally.failed()
                     if used < retries:
                         await asyncio.sleep(min(0.5 * 2**used, 8.0))
                         used += 1
@@ -297,19 +355,18 @@ class OpenAIJudge(Judge):
             return _Attempt(error=f"Judge call to {url} failed after {retries} retries: {err!r}")
         except Exception as err:  # a judge failure never crashes the caller: it becomes a missing score
             return _Attempt(error=f"Judge call to {url} failed after {retries} retries: {err!r}")
+        finally:
+            _TALLY.reset(token)
         choices = getattr(completion, "choices", None)
         content = choices[0].message.content if choices else None
         if not isinstance(content, str):
+            tally.failed()
             return _Attempt(
                 error=f"Judge at {url} returned no message content: {str(completion)[:200]!r}", healthy=True
             )
         usage = getattr(completion, "usage", None)
         tokens = getattr(usage, "completion_tokens", 0) or 0
         return _Attempt(text=content, completion_tokens=tokens, healthy=True)
-
-    def _count_http(self, count: int) -> None:
-        self.stats.add(http_requests=count)
-        record_requests(count)
 
     def _refused(self, url: str, err: Any) -> _Attempt:
         """The judge refused the request itself: a permanent failure, with the server's own message."""
@@ -534,15 +591,6 @@ def _retrieved(task: asyncio.Task) -> None:
     """Mark a finished task's exception as retrieved: its callers may all have gone."""
     if not task.cancelled():
         task.exception()
-
-
-def _requests_sent(err: Any) -> int:
-    """How many requests the client sent for a call that ended in `err`: the retry count of its last request + 1."""
-    request = getattr(err, "request", None)
-    try:
-        return int(request.headers.get("x-stainless-retry-count", "0")) + 1
-    except (AttributeError, TypeError, ValueError):
-        return 1
 
 
 def _server_message(err: Any) -> str:

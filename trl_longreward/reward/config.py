@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,7 +66,11 @@ class LongRewardConfig:
         dimensions (`list[str]`, *optional*, defaults to all four):
             Which of helpfulness, logicality, faithfulness, completeness to score.
         dimension_weights (`dict[str, float]`, `str` or `None`, *optional*, defaults to `None`):
-            Weights of the mean; `None` means equal (the paper). A JSON object string (the command line) is parsed,
+            Weights of the mean over the scored dimensions; `None` means equal (the paper: the plain mean). A
+            dimension the dict does not name weighs 1.0, so `{"faithfulness": 2}` counts faithfulness twice and the
+            other three once each. Every weight must be a positive number naming one of `dimensions`: a weight of 0
+            is refused (the dimension's judge calls would still be paid for and then ignored; remove it from
+            `dimensions` instead), and so are negative weights. A JSON object string (the command line) is parsed,
             as TRL parses its dict-valued fields.
         max_missing_dimensions (`int`, *optional*, defaults to `0`):
             The reward is `None` when more dimensions than this failed. The reference code only kept responses with
@@ -110,7 +116,8 @@ class LongRewardConfig:
             Retrieval chunk size and passages per statement (the paper's).
         faithfulness_min_checked_fraction (`float`, *optional*, defaults to `1.0`):
             Share of statements whose check must parse for faithfulness to be scored (all of them: a mean over a
-            subset is never passed off as the score).
+            subset is never passed off as the score). Compared exactly, as the decimal written: 7 of 10 checks reach
+            0.7, and 7 of 25 reach 0.28 (which floating-point arithmetic would miss: 0.28 x 25 = 7.000000000000001).
         max_statements (`int` or `None`, *optional*, defaults to `None`):
             Cap on statements checked per response (cost guard); `None` = no cap.
         completeness_chunk_tokens (`int`, *optional*, defaults to `4096`):
@@ -215,8 +222,9 @@ class LongRewardConfig:
     dimension_weights: dict[str, float] | str | None = field(
         default=None,
         metadata={
-            "help": "Weights of the mean over dimensions, e.g. '{\"faithfulness\": 2}' on the command line; default "
-            "equal (the paper)."
+            "help": "Weights of the mean over dimensions, e.g. '{\"faithfulness\": 2}' on the command line "
+            "(faithfulness counts twice, the others once: an unnamed dimension weighs 1). Weights must be > 0 (to "
+            "drop a dimension, remove it from --dimensions); default equal (the paper)."
         },
     )
     max_missing_dimensions: int = field(
@@ -260,7 +268,11 @@ class LongRewardConfig:
     faithfulness_chunk_tokens: int = field(default=128, metadata={"help": "Retrieval chunk size in tokens."})
     faithfulness_top_k: int = field(default=5, metadata={"help": "Passages shown per statement check."})
     faithfulness_min_checked_fraction: float = field(
-        default=1.0, metadata={"help": "Share of statement checks that must parse for faithfulness to be scored."}
+        default=1.0,
+        metadata={
+            "help": "Share of statement checks that must parse for faithfulness to be scored (compared exactly: 7 of "
+            "25 checks reach 0.28)."
+        },
     )
     max_statements: int | None = field(default=None, metadata={"help": "Cap on statements checked per response."})
     completeness_chunk_tokens: int = field(default=4096, metadata={"help": "Chunk size of the notes extraction."})
@@ -355,11 +367,7 @@ class LongRewardConfig:
         if len(set(self.dimensions)) != len(self.dimensions):
             raise ValueError(f"dimensions={self.dimensions!r} lists a dimension twice.")
         if self.dimension_weights is not None:
-            extra = set(self.dimension_weights) - set(self.dimensions)
-            if extra:
-                raise ValueError(f"dimension_weights names {sorted(extra)}, which are not in dimensions.")
-            if any(w < 0 for w in self.dimension_weights.values()) or not any(self.dimension_weights.values()):
-                raise ValueError("dimension_weights must be non-negative with at least one positive weight.")
+            self._check_dimension_weights(self.dimension_weights)
         if not 0 <= self.max_missing_dimensions < len(self.dimensions):
             raise ValueError(
                 f"max_missing_dimensions={self.max_missing_dimensions} must be in [0, {len(self.dimensions) - 1}] "
@@ -429,5 +437,33 @@ class LongRewardConfig:
             "separator": self.prompt_separator,
         }
 
+    def _check_dimension_weights(self, weights: dict) -> None:
+        """Every weight names a scored dimension and is a finite number > 0 (an unnamed dimension weighs 1.0)."""
+        for name, weight in weights.items():
+            if name not in DIMENSIONS:
+                raise ValueError(
+                    f"dimension_weights names {name!r}, which is not a dimension: use one of {list(DIMENSIONS)}."
+                )
+            if name not in self.dimensions:
+                raise ValueError(
+                    f"dimension_weights names {name!r}, which is not in dimensions={self.dimensions!r}: add it to "
+                    "dimensions, or drop its weight."
+                )
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+                raise ValueError(f"dimension_weights[{name!r}]={weight!r} must be a finite number > 0.")
+            if weight < 0:
+                raise ValueError(
+                    f"dimension_weights[{name!r}]={weight!r} is negative: weights must be > 0 (a weight of 1, the "
+                    "default of an unnamed dimension, counts it as in the paper's mean)."
+                )
+            if weight == 0:
+                rest = [d for d in self.dimensions if d != name]
+                raise ValueError(
+                    f"dimension_weights[{name!r}]=0 would still pay for every {name} judge call and then ignore "
+                    f"its score: remove {name!r} from dimensions instead"
+                    + (f" (dimensions={rest!r})." if rest else ".")
+                )
+
     def weight(self, dimension: str) -> float:
-        return 1.0 if self.dimension_weights is None else float(self.dimension_weights.get(dimension, 0.0))
+        """The weight of `dimension` in the reward's weighted mean: its `dimension_weights` entry, else 1.0."""
+        return 1.0 if self.dimension_weights is None else float(self.dimension_weights.get(dimension, 1.0))

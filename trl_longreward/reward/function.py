@@ -7,7 +7,8 @@ import hashlib
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,8 +18,8 @@ from ..judges.loops import JudgeLoop
 from .config import LongRewardConfig
 from .dimensions import FAILED, NOT_APPLICABLE, OK, SCORERS, DimensionResult, PromptState, ScoringServices
 from .inputs import Sample, resolve_samples
-from .retrieval import Retriever, TokenChunker
-from .runner import JudgeRunner, prompt_scope
+from .retrieval import Retriever, RetrieverUnavailableError, TokenChunker, check_retriever
+from .runner import CallCounters, JudgeRunner, prompt_scope
 
 _MAX_PROMPT_STATES = 256
 
@@ -121,14 +122,18 @@ class LongRewardFunction:
     Args:
         config: a `LongRewardConfig`; keyword arguments override its fields.
         judge: a `Judge` backend; default built from the config (`judge_backend`, `judge_model`, ...).
-        retriever: a `Retriever` for faithfulness; default from `config.retriever`.
+        retriever: a `Retriever` for faithfulness; default from `config.retriever`, checked here (its extra
+            installed, its default model present: `check_retriever`) and loaded on first use.
         chunker: a `TokenChunker`; default from `config.chunk_tokenizer`.
         cache: a `JudgeCallCache`; default: on disk at `config.cache_path`, else in memory.
 
     All judge calls of a batch are in flight together (up to the judge's concurrency limit): every response's
     dimensions run at once, statement checks start as soon as that response's breakdown is back, and the per-chunk
     notes extraction runs once per prompt and is awaited by all of its responses. Identical (context, question,
-    response) rows are judged once. Judge failures never raise: they make dimensions missing.
+    response) rows are judged once. Judge failures never raise: they make dimensions missing. A setup that cannot
+    work raises instead of making a dimension missing on every sample: construction fails when faithfulness's
+    retriever needs an extra that is not installed (the message names it), and scoring raises when a module cannot
+    be imported or the retriever cannot be built.
     """
 
     __name__ = "long_reward"
@@ -150,6 +155,9 @@ class LongRewardFunction:
         elif overrides:
             config = LongRewardConfig(**{**asdict(config), **overrides})
         self.config = config
+        if retriever is None and "faithfulness" in config.dimensions:
+            # before the judge is built: a missing extra fails here, not as a missing dimension on every sample
+            check_retriever(config.retriever, config.embedding_model)
         if judge is None:
             from .judge_factory import build_judge
 
@@ -203,7 +211,9 @@ class LongRewardFunction:
         self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any
     ) -> tuple[list[Judgement], dict[str, float]]:
         """The `Judgement`s of a batch and its metrics (per-dimension means, standard deviations and missing rates,
-        and the batch's judge calls, cache hits, parse failures and errors, as `__call__` logs them)."""
+        and the batch's judge calls, HTTP requests, cache hits, parse failures and errors, as `__call__` logs them).
+        The counts are the batch's own calls, counted as they are made (`counting()`): exact while other threads
+        judge with this reward at the same time."""
         samples = self._samples(prompts, completions, kwargs)
         return self.run(self._score_samples(samples))
 
@@ -226,8 +236,25 @@ class LongRewardFunction:
         `judge_calls` (logical calls sent), `judge_requests` (HTTP requests sent for them, retries included),
         `cache_hits`, `shared_calls` (identical calls in flight that awaited one call), `parse_failures`,
         `judge_errors` (calls that failed, each once), `permanent_judge_errors` (of those, refused for good) and
-        `verdict_followups`; see `runner.CallCounters`."""
+        `verdict_followups`; see `runner.CallCounters`. For the cost of some calls of your own, use `counting()`,
+        not the difference of two readings: calls made meanwhile by other threads would be in it."""
         return self.runner.counters.totals()
+
+    @contextmanager
+    def counting(self) -> Iterator[CallCounters]:
+        """The judge calls of this reward made by the code in this block, in fresh `CallCounters` (read them with
+        `.totals()`, named as `call_counts()`), exact while other threads judge with this reward at the same time:
+
+        ```python
+        with reward.counting() as cost:
+            judgements = reward.score(prompts=prompts, completions=completions)
+        cost.totals()["judge_calls"]  # the calls of this `score` only
+        ```
+
+        The calls follow the block into the reward's event loop (`score`, `score_batch`, `run`, `ascore` awaited in
+        it); see `JudgeRunner.counting`. `score_batch` reports the same counts of its own batch in its metrics."""
+        with self.runner.counting() as counts:
+            yield counts
 
     def as_async(self) -> AsyncLongReward:
         """An async reward function with the same name and keyword handling, for trainers that await async rewards
@@ -258,7 +285,17 @@ class LongRewardFunction:
 
     def _make_retriever(self) -> Retriever:
         if self._retriever is None:
-            self._retriever = build_retriever(self.config)
+            try:
+                self._retriever = build_retriever(self.config)
+            except ImportError:
+                raise
+            except Exception as err:  # e.g. embedding_model names no model: no sample's faithfulness could be scored
+                raise RetrieverUnavailableError(
+                    f"The faithfulness retriever (retriever={self.config.retriever!r}, embedding_model="
+                    f"{self.config.embedding_model!r}) could not be built: {err!r}. Fix embedding_model (a local "
+                    "path, or a Hub id that can be downloaded or is cached), set retriever='bm25' (lexical, no "
+                    "model), or leave faithfulness out of dimensions."
+                ) from err
         return self._retriever
 
     def _state(self, sample: Sample) -> PromptState:
@@ -274,6 +311,8 @@ class LongRewardFunction:
     async def _score_dimension(self, name: str, sample: Sample, state: PromptState) -> DimensionResult:
         try:
             return await self.scorers[name].score(sample, state)
+        except (ImportError, RetrieverUnavailableError):
+            raise  # never transient: the dimension would be missing on every sample, so scoring stops instead
         except Exception as err:  # e.g. the embedding endpoint is down: the dimension is missing, the run goes on
             return DimensionResult(score=None, status=FAILED, trace={"error": repr(err)})
 
@@ -293,24 +332,30 @@ class LongRewardFunction:
         )
 
     async def _score_samples(self, samples: list[Sample]) -> tuple[list[Judgement], dict[str, float]]:
-        before = self.runner.counters.totals()
-        unique: dict[Sample, asyncio.Task] = {}
-        for sample in samples:
-            if sample not in unique:  # identical (context, question, response) rows are judged once
-                unique[sample] = asyncio.ensure_future(self._judge_one(sample))
-        # None: a bar only when stderr is a terminal (tqdm's disable=None), so logs and CI stay clean
-        disable = None if self.config.show_progress is None else not self.config.show_progress
-        from tqdm.auto import tqdm
+        # The batch's own judge calls: exact while other batches are judged by this reward at the same time.
+        with self.runner.counting() as counts:
+            unique: dict[Sample, asyncio.Task] = {}
+            for sample in samples:
+                if sample not in unique:  # identical (context, question, response) rows are judged once
+                    unique[sample] = asyncio.ensure_future(self._judge_one(sample))
+            # None: a bar only when stderr is a terminal (tqdm's disable=None), so logs and CI stay clean
+            disable = None if self.config.show_progress is None else not self.config.show_progress
+            from tqdm.auto import tqdm
 
-        with tqdm(total=len(unique), desc="LongReward judging", unit="response", disable=disable) as bar:
-            for task in asyncio.as_completed(list(unique.values())):
-                await task
-                bar.update(1)
-                totals = self.runner.counters.totals()
-                bar.set_postfix(calls=totals["judge_calls"] - before["judge_calls"], refresh=False)
-        done = {sample: await task for sample, task in unique.items()}
+            with tqdm(total=len(unique), desc="LongReward judging", unit="response", disable=disable) as bar:
+                try:
+                    for task in asyncio.as_completed(list(unique.values())):
+                        await task
+                        bar.update(1)
+                        bar.set_postfix(calls=sum(counts.sent.values()), refresh=False)
+                except BaseException:  # a setup error (`_score_dimension`): stop the batch's other responses too
+                    for task in unique.values():
+                        task.cancel()
+                    await asyncio.gather(*unique.values(), return_exceptions=True)
+                    raise
+            done = {sample: await task for sample, task in unique.items()}
         judgements = [done[s] for s in samples]
-        return judgements, batch_metrics(judgements, list(self.scorers), before, self.runner.counters.totals())
+        return judgements, batch_metrics(judgements, list(self.scorers), counts.totals())
 
     def stats(self) -> dict[str, Any]:
         """Cumulative cost of this reward function: `call_counts()` (judge calls, HTTP requests, cache hits, shared
@@ -353,9 +398,11 @@ class LongRewardFunction:
 
 
 def batch_metrics(
-    judgements: Sequence[Judgement], dimensions: Sequence[str], before: dict[str, int], after: dict[str, int]
+    judgements: Sequence[Judgement], dimensions: Sequence[str], counts: dict[str, int]
 ) -> dict[str, float]:
-    """Per-dimension mean/std and missing rate, reward mean, and the judge cost of this batch."""
+    """Per-dimension mean/std and missing rate, reward mean, and the judge cost of this batch: `counts` are the
+    batch's own call counts (`CallCounters.totals()` of its `JudgeRunner.counting()` block), logged as
+    `long_reward/<name>`."""
     metrics: dict[str, float] = {}
     for name in [*dimensions, "reward"]:
         values = [j.reward if name == "reward" else j.scores[name] for j in judgements]
@@ -370,8 +417,8 @@ def batch_metrics(
         metrics[f"long_reward/{name}/missing_rate"] = missing / len(values) if values else 0.0
         if name != "reward" and values:
             metrics[f"long_reward/{name}/not_applicable_rate"] = 1 - len(applicable) / len(values)
-    for key, value in after.items():
-        metrics[f"long_reward/{key}"] = float(value - before.get(key, 0))
+    for key, value in counts.items():
+        metrics[f"long_reward/{key}"] = float(value)
     return metrics
 
 

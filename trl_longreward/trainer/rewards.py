@@ -1,4 +1,10 @@
-"""Rewards of a step's samples: every reward function called on them (TRL's protocol), weighted and summed."""
+"""Rewards of a step's samples: every reward function called on them (TRL's protocol), weighted and summed.
+
+A sample is scored only when every reward function of nonzero weight scored it: one such function returning None
+(or NaN) for it makes its combined reward None, so it is never ranked on the other functions alone (TRL's GRPO, which
+`nansum`s the functions, would). A function of weight 0 is still called (its metrics are logged) but never decides
+whether a sample is scored.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +21,31 @@ _TRAINER_FIELDS = ("prompt", "prompt_ids", "policy_prompt", "truncated")
 
 @dataclass
 class StepRewards:
-    """The combined reward of every sample (prompt-major, k per prompt; None: no function scored it), the metrics
-    the reward functions logged (means over their calls), and the `Judgement`s of the first function that gives
-    them (`LongRewardFunction.score_batch`), for the report."""
+    """The combined reward of every sample (prompt-major, k per prompt: the weighted sum of the reward functions;
+    None where any function of nonzero weight could not score it, i.e. returned None or NaN), the metrics the reward
+    functions logged (means over their calls), and the `Judgement`s of the first function that gives them
+    (`LongRewardFunction.score_batch`), for the report."""
 
     rewards: list[float | None]
     metrics: dict[str, float] = field(default_factory=dict)
     judgements: list[Any] | None = None
+
+
+def check_reward_weights(reward_funcs: Sequence[Callable], reward_weights: Sequence[float]) -> None:
+    """One finite weight per reward function, at least one of them nonzero (all-zero weights would give every
+    sample the reward 0: no pair could ever form)."""
+    if len(reward_weights) != len(reward_funcs):
+        raise ValueError(
+            f"reward_weights has {len(reward_weights)} values for {len(reward_funcs)} reward functions: give one "
+            "weight per function (or leave reward_weights unset for equal weights)."
+        )
+    if any(not math.isfinite(float(w)) for w in reward_weights):
+        raise ValueError(f"reward_weights={list(reward_weights)} must be finite numbers.")
+    if not any(float(w) != 0 for w in reward_weights):
+        raise ValueError(
+            f"reward_weights={list(reward_weights)} are all 0: every sample would get the reward 0 and no pair could "
+            "form. Give at least one reward function a nonzero weight (leave reward_weights unset for equal weights)."
+        )
 
 
 def score_samples(
@@ -33,6 +57,9 @@ def score_samples(
     num_generations: int,
     trainer_state: Any = None,
 ) -> StepRewards:
+    """Call every reward function on the step's samples and combine them (see `StepRewards`): a sample's reward is
+    the weighted sum of the functions' values, or None when any function of nonzero weight gave it None or NaN."""
+    check_reward_weights(reward_funcs, reward_weights)
     k = num_generations
     prompts = [row["prompt"] for row in rows for _ in range(k)]
     conversational = isinstance(rows[0]["prompt"], list)
@@ -49,7 +76,7 @@ def score_samples(
         logged.setdefault(name, []).append(float(value))
 
     totals = [0.0] * len(prompts)
-    present = [False] * len(prompts)
+    unscored = [False] * len(prompts)
     judgements = None
     for func, weight in zip(reward_funcs, reward_weights, strict=True):
         if hasattr(func, "score_batch"):  # a LongRewardFunction: keep its judgements for the report
@@ -71,11 +98,14 @@ def score_samples(
             raise ValueError(
                 f"Reward function {get_callable_name(func)} returned {len(values)} values for {len(prompts)}."
             )
+        if weight == 0:  # called for its metrics; it neither adds to a reward nor leaves a sample unscored
+            continue
         for j, value in enumerate(values):
-            if value is not None and not math.isnan(value):
+            if value is None or math.isnan(value):
+                unscored[j] = True  # never ranked on the other functions alone
+            else:
                 totals[j] += weight * float(value)
-                present[j] = True
-    rewards = [t if p else None for t, p in zip(totals, present, strict=True)]
+    rewards = [None if u else t for t, u in zip(totals, unscored, strict=True)]
     return StepRewards(rewards, {name: sum(v) / len(v) for name, v in logged.items()}, judgements)
 
 
@@ -89,5 +119,9 @@ def describe_reward(func: Callable) -> dict[str, Any]:
         info["judge"] = judge.describe()
     if config is not None and hasattr(config, "dimensions"):
         info["dimensions"] = list(config.dimensions)
-        info["weights"] = config.dimension_weights or "equal"
+        weight = getattr(config, "weight", None)
+        if config.dimension_weights and callable(weight):  # every dimension's weight, unnamed ones' 1.0 included
+            info["weights"] = {d: weight(d) for d in config.dimensions}
+        else:
+            info["weights"] = config.dimension_weights or "equal"
     return info

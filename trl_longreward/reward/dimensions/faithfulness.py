@@ -4,7 +4,8 @@
 2. Retrieve: the document is split into `faithfulness_chunk_tokens`-token chunks (indexed once per prompt, shared by
    all responses); the top-`faithfulness_top_k` chunks per statement are shown in DOCUMENT order.
 3. Check: one call per statement: Fully (1) / Partially (0.5) / No support (0).
-4. Score = 10 x mean over statements.
+4. Score = 10 x mean over statements, when at least `faithfulness_min_checked_fraction` of the checks parsed
+   (compared exactly, `enough_checked`); else faithfulness is missing.
 
 Zero-statement policy (the reference code crashed here): a response whose breakdown is an explicit
 `No factual statements` gets `zero_statement_policy`: `exclude` (default; status `not_applicable`, the reward is the
@@ -14,11 +15,22 @@ mean of the other dimensions, as FactScore leaves abstentions out of precision),
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 
 from ..inputs import Sample
 from ..retrieval import RetrievalIndex
 from ..runner import describe_call
 from .base import FAILED, NOT_APPLICABLE, OK, DimensionResult, DimensionScorer, PromptState
+
+
+def enough_checked(checked: int, total: int, min_fraction: float) -> bool:
+    """Whether `checked` of `total` statement checks reach `faithfulness_min_checked_fraction`, compared exactly.
+
+    The fraction is read as the decimal it is written as (`str(0.28)` = 28/100), and the comparison is in integers:
+    7 of 25 reach 0.28, where floating point (0.28 x 25 = 7.000000000000001) would say they fall short.
+    """
+    fraction = Fraction(str(min_fraction))
+    return checked * fraction.denominator >= fraction.numerator * total
 
 
 def format_passages(chunks: list[str], indices: list[int]) -> str:
@@ -68,7 +80,7 @@ class FaithfulnessScorer(DimensionScorer):
             for s, ids, c in zip(statements, top, checks, strict=True)
         ]
         values = [c.value for c in checks if c.ok]
-        if len(values) < self.config.faithfulness_min_checked_fraction * len(statements):
+        if not enough_checked(len(values), len(statements), self.config.faithfulness_min_checked_fraction):
             trace["error"] = f"{len(statements) - len(values)} of {len(statements)} statement checks failed"
             return DimensionResult(score=None, status=FAILED, trace=trace)
         return DimensionResult(score=10.0 * sum(values) / len(values), status=OK, trace=trace)
