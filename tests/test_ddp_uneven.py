@@ -33,7 +33,6 @@ from trl_longreward.trainer.ddp import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "tests" / "distributed" / "uneven_pairs.py"
-NUM_RANKS = 2
 TIMEOUT_S = 300
 #: the DPO metrics TRL logs, and the trainer's loss and gradient norm
 DPO_METRICS = (
@@ -187,15 +186,25 @@ def test_one_process_step_without_pairs_keeps_weights_and_adamw_state(tmp_path: 
     assert logs[1]["pairs/online"] == 0 and logs[1]["loss"] == 0.0 and logs[1]["grad_norm"] == 0.0
 
 
-# ----- two ranks against one process -----
+# ----- several ranks against one process -----
 
-# {gradient accumulation steps: (ties per step, expected pairs per micro-step and rank)}. With batch size 2 on two
-# ranks, micro-step m gives rank r the prompts 4m + 2r and 4m + 2r + 1.
-PLANS: dict[int, tuple[dict[int, Any], list[list[int]]]] = {
+# {(ranks, gradient accumulation steps, losses): (ties per step, expected pairs per micro-step and rank)}. With batch
+# size 2 on R ranks, micro-step m gives rank r the prompts 2 (R m + r) and 2 (R m + r) + 1. The reference is one
+# process without accumulation whose one micro-batch per step holds the prompts of the whole window.
+PLANS: dict[tuple[int, int, str], tuple[dict[int, Any], list[list[int]]]] = {
     # step 0: rank 1 has no pair; step 1: 1 pair on rank 0, 2 on rank 1; step 2: no pair anywhere
-    1: ({0: [2, 3], 1: [1], 2: "all"}, [[2, 0], [1, 2], [0, 0]]),
+    (2, 1, "sigmoid"): ({0: [2, 3], 1: [1], 2: "all"}, [[2, 0], [1, 2], [0, 0]]),
     # step 0: (2, 0) then (1, 2) pairs; step 1: a micro-step without any pair, then (1, 0); step 2: no pair anywhere
-    2: ({0: [2, 3, 4], 1: [0, 1, 2, 3, 5, 6, 7], 2: "all"}, [[2, 0], [1, 2], [0, 0], [1, 0], [0, 0], [0, 0]]),
+    (2, 2, "sigmoid"): (
+        {0: [2, 3, 4], 1: [0, 1, 2, 3, 5, 6, 7], 2: "all"},
+        [[2, 0], [1, 2], [0, 0], [1, 0], [0, 0], [0, 0]],
+    ),
+    # three ranks, sigmoid + the "sft" term (weighted by chosen tokens): step 0: (2, 0, 1) then (0, 1, 2) pairs;
+    # step 1: a micro-step without any pair, then (2, 1, 1); step 2: no pair anywhere
+    (3, 2, "sigmoid,sft"): (
+        {0: [2, 3, 4, 6, 7, 8], 1: [0, 1, 2, 3, 4, 5, 9, 10], 2: "all"},
+        [[2, 0, 1], [0, 1, 2], [0, 0, 0], [2, 1, 1], [0, 0, 0], [0, 0, 0]],
+    ),
 }
 MAX_STEPS = 3
 BATCH_SIZE = 2
@@ -206,11 +215,17 @@ def _params(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation", sorted(PLANS))
-def test_two_uneven_ranks_take_the_one_process_step_on_the_union(tmp_path: Path, accumulation: int) -> None:
-    ties, expected_pairs = PLANS[accumulation]
-    num_prompts = NUM_RANKS * BATCH_SIZE * accumulation
-    launcher = {"--nproc_per_node": NUM_RANKS, "--master_addr": "127.0.0.1", "--master_port": free_port()}
+@pytest.mark.parametrize("plan", sorted(PLANS), ids=lambda p: f"{p[0]}ranks-ga{p[1]}-{p[2].replace(',', '+')}")
+def test_uneven_ranks_and_micro_steps_take_the_one_process_step_on_the_union(
+    tmp_path: Path, plan: tuple[int, int, str]
+) -> None:
+    """Parameters after each step, the loss, the gradient norm and TRL's DPO metrics: R gloo ranks with gradient
+    accumulation, pairs uneven per micro-step and per rank, equal one process with one micro-step per step that holds
+    the union of the window's pairs (within float32 rounding)."""
+    num_ranks, accumulation, losses = plan
+    ties, expected_pairs = PLANS[plan]
+    num_prompts = num_ranks * BATCH_SIZE * accumulation
+    launcher = {"--nproc_per_node": num_ranks, "--master_addr": "127.0.0.1", "--master_port": free_port()}
     options = {
         "--output_dir": tmp_path / "ranks",
         "--ties": json.dumps(ties),
@@ -218,36 +233,40 @@ def test_two_uneven_ranks_take_the_one_process_step_on_the_union(tmp_path: Path,
         "--max_steps": MAX_STEPS,
         "--per_device_train_batch_size": BATCH_SIZE,
         "--gradient_accumulation_steps": accumulation,
+        "--loss_type": losses,
     }
     code, output, _seconds = run_torchrun([*flags(launcher), str(SCRIPT), *flags(options)], TIMEOUT_S)
     log = f"torchrun output (last 8000 chars):\n{output[-8000:]}"
     assert code is not None, f"torchrun did not finish within {TIMEOUT_S} s (deadlock?)\n{log}"
     assert code == 0, f"torchrun exited with {code}\n{log}"
-    ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(NUM_RANKS)]
+    ranks = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in range(num_ranks)]
 
-    # the reference: one process whose micro-batches hold the prompts of both ranks
+    # the reference: one process without accumulation, whose one micro-batch per step holds the prompts of the
+    # whole window of both ranks (the union of the window's pairs, split in no way)
     reference = uneven_pairs().run(
         tmp_path / "reference",
         ties=ties,
         num_prompts=num_prompts,
         max_steps=MAX_STEPS,
-        per_device_train_batch_size=NUM_RANKS * BATCH_SIZE,
-        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=num_prompts,
+        gradient_accumulation_steps=1,
+        loss_type=losses.split(","),
     )
 
     # The ranks drew the planned prompts and had the planned (uneven) pairs.
     for rank, record in enumerate(ranks):
-        assert record["world_size"] == NUM_RANKS and record["global_step"] == MAX_STEPS
+        assert record["world_size"] == num_ranks and record["global_step"] == MAX_STEPS
         for i, micro in enumerate(record["micro_steps"]):
             m = i % accumulation
-            assert micro["indices"] == [BATCH_SIZE * (NUM_RANKS * m + rank) + j for j in range(BATCH_SIZE)], micro
+            assert micro["indices"] == [BATCH_SIZE * (num_ranks * m + rank) + j for j in range(BATCH_SIZE)], micro
         assert [micro["pairs"] for micro in record["micro_steps"]] == [p[rank] for p in expected_pairs]
-    assert [m["pairs"] for m in reference["micro_steps"]] == [sum(p) for p in expected_pairs]
+    window_pairs = [sum(map(sum, expected_pairs[s * accumulation : (s + 1) * accumulation])) for s in range(MAX_STEPS)]
+    assert [m["pairs"] for m in reference["micro_steps"]] == window_pairs
     assert reference["world_size"] == 1 and reference["initial_params_sha256"] == ranks[0]["initial_params_sha256"]
 
     # DDP kept the ranks identical, and every step with pairs is the reference's step, to float tolerance.
     for step in range(MAX_STEPS):
-        assert ranks[0]["steps"][step]["params_sha256"] == ranks[1]["steps"][step]["params_sha256"]
+        assert len({record["steps"][step]["params_sha256"] for record in ranks}) == 1
     initial = _params(tmp_path / "reference" / "rank0" / "params-step0.pt")
     for step in (1, 2):
         ours = _params(tmp_path / "ranks" / "rank0" / f"params-step{step}.pt")
@@ -257,7 +276,7 @@ def test_two_uneven_ranks_take_the_one_process_step_on_the_union(tmp_path: Path,
         assert moved > 1e-3, f"step {step}: training did not move the parameters ({moved})"
         # 1e-6 relative to each value (float32 rounding), with a tiny absolute floor for values near 0
         excess = max(((ours[n] - theirs[n]).abs() - 1e-6 * (theirs[n].abs() + moved)).max().item() for n in theirs)
-        assert excess <= 0, f"step {step}: max |2 ranks - 1 process| = {diff:.3g} (largest change {moved:.3g})"
+        assert excess <= 0, f"step {step}: max |ranks - 1 process| = {diff:.3g} (largest change {moved:.3g})"
 
     # The same DPO metrics: the pairless rank's stand-in pair is in none of them.
     ours_logs = [entry for entry in ranks[0]["log_history"] if "loss" in entry]

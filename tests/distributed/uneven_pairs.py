@@ -2,11 +2,11 @@
 the optimizer state after each optimizer step, and each rank's prompts and pair counts per micro-step.
 
 Run by `tests/test_ddp_uneven.py` on two ranks, and (its `run`, in the test's process) as the one-process reference
-whose micro-batches hold the prompts of both ranks; by hand::
+without gradient accumulation whose one micro-batch per step holds the prompts of both ranks' whole window; by hand::
 
     torchrun --nproc_per_node 2 tests/distributed/uneven_pairs.py --output_dir OUT --per_device_train_batch_size 2 \
-        --ties '{"0": [2, 3], "1": [1], "2": "all"}'
-    python tests/distributed/uneven_pairs.py --output_dir REF --per_device_train_batch_size 4 --ties ...
+        --gradient_accumulation_steps 2 --num_prompts 8 --ties '{"0": [2, 3, 4], "1": [0, 1, 2, 3, 5, 6, 7], "2": "all"}'
+    python tests/distributed/uneven_pairs.py --output_dir REF --per_device_train_batch_size 8 --num_prompts 8 --ties ...
 
 The policy is a tiny Llama built from a config (the same seed everywhere). Nothing is generated: `FixedSampler` gives
 every prompt the same `num_generations` responses in every process (of different lengths), and `length_reward`
@@ -55,15 +55,16 @@ def prompt_rows(count: int) -> Dataset:
 class FixedSampler:
     """The trainer's sampler, without generating: prompt `index` i gets responses j = 0..k-1 of 2 + j + i % 3 tokens
     (so the chosen responses of the prompts differ in length, as the "sft" term's token weighting needs), ids derived
-    from (i, j), the same in every process and step. `last_indices`: the prompts of the latest call."""
+    from (i, j), the same in every process and step. `calls`: the prompts of each call, in order (the trainer
+    samples a whole accumulation window before it tells the callbacks about its micro-batches)."""
 
     def __init__(self, tokenizer: Any, num_generations: int) -> None:
         self.tokenizer = tokenizer
         self.num_generations = num_generations
-        self.last_indices: list[int] = []
+        self.calls: list[list[int]] = []
 
     def sample(self, model_wrapped: Any, rows: list[dict[str, Any]], *, global_step: int) -> list[list[dict]]:
-        self.last_indices = [row["index"] for row in rows]
+        self.calls.append([row["index"] for row in rows])
         out = []
         for row in rows:
             per_prompt = []
@@ -136,7 +137,7 @@ class Recorder(TrainerCallback):
     def on_step_judged(self, args, state, control, *, judged, **kwargs) -> None:
         assert self.trainer is not None
         pairs = sum(1 for s in judged.selections if s.ok)
-        indices = self.trainer.sampler.last_indices
+        indices = self.trainer.sampler.calls.pop(0)  # the micro-batches are judged in the order they were sampled
         self.micro_steps.append({"step": state.global_step, "pairs": pairs, "indices": indices})
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
@@ -221,6 +222,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--per_device_train_batch_size", type=int, default=2)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--loss_type", default="sigmoid", help="TRL's loss_type, comma-separated (e.g. sigmoid,sft).")
     return parser.parse_args()
 
 
@@ -233,6 +235,7 @@ def main() -> None:
         max_steps=cli.max_steps,
         per_device_train_batch_size=cli.per_device_train_batch_size,
         gradient_accumulation_steps=cli.gradient_accumulation_steps,
+        loss_type=cli.loss_type.split(","),
     )
 
 

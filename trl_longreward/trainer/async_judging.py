@@ -85,10 +85,9 @@ class BackgroundJudging:
     def untaken(self) -> list[SampledBatch]:
         return [b for b in self.batches if not b.taken]
 
-    def judge_restored(self, rows: list[dict[str, Any]], trainer_state: Any) -> None:
-        """Judge again (the judge cache answers what was judged before) the restored batch of `rows`, if any."""
-        batch = self.find(rows)
-        if batch is not None and batch.future is None:
+    def judge_again(self, batch: SampledBatch, rows: list[dict[str, Any]], trainer_state: Any) -> None:
+        """Judge a restored `batch` (of `rows`) again: the judge cache answers what was judged before."""
+        if batch.future is None:
             self._start(batch, rows, trainer_state)
 
     def drop_restored(self, keep: set[tuple]) -> int:

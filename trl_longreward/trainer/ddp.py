@@ -4,11 +4,14 @@ Prompts without a valid pair are skipped, so ranks hold different numbers of pai
 trains a stand-in pair whose loss counts 0, so that it still takes part in DDP's gradient all-reduce). Three things
 make such a step the step a single process would take on the union of the ranks' pairs:
 
-- `PairShares` / `gather_pair_shares`: one tiny all-gather of every rank's pair and chosen-token counts per
-  micro-step. DDP averages gradients over the ranks, so a rank's loss (a mean over its own pairs) is weighted by
-  `world_size * pairs_rank / pairs_all` (`union_loss_weights`); TRL's "sft" term is a mean over the micro-batch's
-  chosen completion tokens, so it is weighted by the ranks' chosen-token counts instead. Then DDP's average is the
-  gradient of the loss over the union of the pairs. (Losses that couple the pairs of a batch, "aot" and
+- `PairShares` / `gather_window_shares`: one tiny all-gather, per optimizer step, of every rank's pair and
+  chosen-token counts in each micro-step of the accumulation window. The window is the unit: a micro-step's loss (a
+  mean over its own pairs) is weighted by `world_size * pairs_micro_step_rank / pairs_window` (`union_loss_weights`),
+  and the trainer's loss is not divided by the accumulation steps again (`loss_is_scaled_for_ga`); TRL's "sft" term
+  is a mean over the micro-batch's chosen completion tokens, so it is weighted by chosen-token counts instead. DDP
+  averages gradients over the ranks and accumulation sums them over the micro-steps, so the optimizer step takes the
+  gradient of the loss over the union of the window's pairs, as one process with one micro-step would, whatever the
+  split across ranks and micro-steps. (Losses that couple the pairs of a batch, "aot" and
   "aot_unpaired", which sort them, cannot be split across ranks exactly; they get the pair weight.)
 - `PairMetricsAccelerator`: TRL's DPO loss gathers its per-pair metrics (rewards, margins, accuracies, log-probs)
   with `accelerator.gather`, which needs the same first dimension on every rank, and its per-rank sums (entropy,
@@ -38,11 +41,15 @@ TOKEN_MEAN_LOSSES = frozenset({"sft"})
 
 @dataclass(frozen=True)
 class PairShares:
-    """Every rank's number of pairs and of chosen completion tokens in one micro-step, and this process's rank."""
+    """Every rank's number of pairs and of chosen completion tokens in one micro-step, this process's rank, and the
+    pairs and chosen tokens of the whole accumulation window over all ranks (None: the window is this micro-step)."""
 
     pairs: tuple[int, ...]
     chosen_tokens: tuple[int, ...]
     rank: int
+    window_pairs: int | None = None
+    window_tokens: int | None = None
+    rejected_tokens: tuple[int, ...] = ()
 
     @property
     def world_size(self) -> int:
@@ -64,13 +71,14 @@ class PairShares:
 
     @property
     def pair_weight(self) -> float:
-        """This rank's weight for a mean over its pairs: `world_size * pairs_rank / pairs_all` (0 without pairs)."""
-        return self.world_size * self.local / self.total if self.total else 0.0
+        """This rank's weight for a mean over its pairs: `world_size * pairs_rank / pairs_window` (0 without pairs)."""
+        total = self.total if self.window_pairs is None else self.window_pairs
+        return self.world_size * self.local / total if total else 0.0
 
     @property
     def token_weight(self) -> float:
         """This rank's weight for a mean over its chosen completion tokens, likewise."""
-        total = sum(self.chosen_tokens)
+        total = sum(self.chosen_tokens) if self.window_tokens is None else self.window_tokens
         return self.world_size * self.chosen_tokens[self.rank] / total if total else 0.0
 
 
@@ -81,15 +89,74 @@ def chosen_completion_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(mask[: mask.shape[0] // 2, 1:].sum())
 
 
+def rejected_completion_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The rejected completion tokens TRL's token-level metrics of rejected rows average over, likewise."""
+    mask = batch["completion_mask"]
+    return int(mask[mask.shape[0] // 2 :, 1:].sum())
+
+
+#: TRL's DPO metrics that are means over completion tokens (over all ranks), and which tokens; "num_tokens" is a
+#: running total. Every other DPO metric is a mean over pairs.
+TOKEN_METRICS = {
+    "entropy": ("chosen", "rejected"),
+    "logits/chosen": ("chosen",),
+    "mean_token_accuracy": ("chosen",),
+    "logits/rejected": ("rejected",),
+}
+RUNNING_TOTALS = frozenset({"num_tokens"})
+
+
+def merge_micro_step_metrics(micro_steps: Sequence[tuple[PairShares, dict[str, list]]]) -> dict[str, float]:
+    """One value per DPO metric for a window, from each micro-step's shares and the values its loss logged: a mean
+    over pairs weighted by the micro-steps' pairs (over all ranks), a mean over tokens by their tokens, a running
+    total its last value. So the window's numbers are those of one batch holding all its pairs."""
+    merged: dict[str, list[float]] = {}
+    latest: dict[str, float] = {}
+    for shares, added in micro_steps:
+        for key, values in added.items():
+            if key in RUNNING_TOTALS:
+                latest[key] = values[-1]
+                continue
+            kinds = TOKEN_METRICS.get(key)
+            if kinds is None:
+                weight = float(shares.total)
+            else:
+                weight = float(
+                    ("chosen" in kinds) * sum(shares.chosen_tokens)
+                    + ("rejected" in kinds) * sum(shares.rejected_tokens)
+                )
+            entry = merged.setdefault(key, [0.0, 0.0])
+            entry[0] += weight * sum(values) / len(values)
+            entry[1] += weight
+    out = {key: total / weight for key, (total, weight) in merged.items() if weight}
+    out.update(latest)
+    return out
+
+
 def gather_pair_shares(accelerator: Any, num_pairs: int, chosen_tokens: int) -> PairShares:
-    """All ranks' counts, by one all-gather of two integers: every rank must call this on every micro-step."""
-    local = torch.tensor([[num_pairs, chosen_tokens]], dtype=torch.int64, device=accelerator.device)
-    gathered = accelerator.gather(local).tolist()
-    return PairShares(
-        pairs=tuple(row[0] for row in gathered),
-        chosen_tokens=tuple(row[1] for row in gathered),
-        rank=accelerator.process_index,
-    )
+    """All ranks' counts of one micro-step that is its own window, by one all-gather of two integers."""
+    return gather_window_shares(accelerator, [(num_pairs, chosen_tokens)])[0]
+
+
+def gather_window_shares(accelerator: Any, counts: Sequence[tuple[int, ...]]) -> list[PairShares]:
+    """Every micro-step's `PairShares` in an accumulation window, from this rank's (pairs, chosen tokens[, rejected
+    tokens]) per micro-step, by one all-gather: every rank must call this once per window, with as many micro-steps."""
+    counts = [(*c, 0)[:3] if len(c) == 2 else tuple(c) for c in counts]
+    local = torch.tensor([[n for c in counts for n in c]], dtype=torch.int64, device=accelerator.device)
+    gathered = accelerator.gather(local).reshape(-1, len(counts), 3).tolist()  # [rank][micro-step][counts]
+    window_pairs = sum(micro[0] for rank in gathered for micro in rank)
+    window_tokens = sum(micro[1] for rank in gathered for micro in rank)
+    return [
+        PairShares(
+            pairs=tuple(rank[m][0] for rank in gathered),
+            chosen_tokens=tuple(rank[m][1] for rank in gathered),
+            rank=accelerator.process_index,
+            window_pairs=window_pairs,
+            window_tokens=window_tokens,
+            rejected_tokens=tuple(rank[m][2] for rank in gathered),
+        )
+        for m in range(len(counts))
+    ]
 
 
 def union_loss_weights(
@@ -155,6 +222,16 @@ def drop_metrics_since(metrics: dict[str, list], snapshot: dict[str, tuple[list,
             del metrics[key]
         elif metrics[key] is snapshot[key][0]:
             del metrics[key][snapshot[key][1] :]
+
+
+def metrics_added_since(metrics: dict[str, list], snapshot: dict[str, tuple[list, int]]) -> dict[str, list]:
+    """The metric values appended after `snapshot`, per key (keys without new values left out)."""
+    added = {}
+    for key, values in metrics.items():
+        new = values[snapshot[key][1] :] if key in snapshot and snapshot[key][0] is values else list(values)
+        if new:
+            added[key] = new
+    return added
 
 
 def metrics_snapshot(metrics: dict[str, list]) -> dict[str, tuple[list, int]]:

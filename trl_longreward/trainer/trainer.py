@@ -7,14 +7,18 @@ Each training step, for the prompts of the batch:
 3. pair the best and the worst sample of each prompt (`trl_longreward.pairs`), from the policy's own tokens,
 4. add offline pairs at `offline_ratio` (`offline.py`), and take a DPO step on the pairs (TRL's loss, unchanged;
    with `prompt_once`, each pair as one packed sequence, `prompt_once.py`).
-Prompts without a valid pair are skipped and counted, so ranks hold different numbers of pairs: each rank's loss is
-weighted by its share of the pairs of all ranks, so that the step is the step over the union of their pairs; a rank
-without any pair trains a stand-in pair whose loss counts 0 and which enters no metric (its ranks never wait on each
-other forever), and a step without any pair on any rank leaves the weights and the optimizer state as they are
-(`ddp.py`).
+The unit is the optimizer step: its accumulation window (`gradient_accumulation_steps` micro-batches on every rank)
+is sampled, judged and paired before its first micro-step trains (`_online_step`, the one method that holds the
+online step). Prompts without a valid pair are skipped and counted, so micro-steps and ranks hold different numbers
+of pairs: each micro-step's loss is weighted by its share of the window's pairs over all ranks, so that the step is
+the step one process would take on the union of the window's pairs; a rank without any pair in a micro-step trains
+a stand-in pair whose loss counts 0 and which enters no metric (its ranks never wait on each other forever), and a
+step without any pair on any rank leaves the weights and the optimizer state as they are (`ddp.py`). Every logged
+number is the step's, over all ranks (`window_metrics.py`); offline rows are dealt to the ranks without repeats
+(`offline.py`); `num_iterations` repeats are known by the step's position (`pair_buffer.py`).
 
-With `async_judging`, judging (step 2) overlaps training: step t samples the prompts of step t+1 with the current
-weights and judges them in a background thread while it trains on the pairs of step t (`async_judging.py`); the
+With `async_judging`, judging (step 2) overlaps training: step t samples the window of step t+1 with the current
+weights and judges it in a background thread while it trains on the pairs of step t (`async_judging.py`); the
 pairs are one step stale (`pairs/staleness`).
 
 Callbacks that define `on_step_judged(args, state, control, judged=JudgedStep)` receive each step's judged samples
@@ -30,12 +34,11 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from datasets import Dataset
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -46,21 +49,27 @@ from ..pairs import SKIP_REASONS, PairSelection, select_best_worst
 from .async_judging import BackgroundJudging, SampledBatch, rows_key
 from .config import LongContextDPOConfig
 from .ddp import (
+    RUNNING_TOTALS,
     PairMetricsAccelerator,
+    PairShares,
     chosen_completion_tokens,
     drop_metrics_since,
-    gather_pair_shares,
+    gather_window_shares,
+    merge_micro_step_metrics,
+    metrics_added_since,
     metrics_snapshot,
+    rejected_completion_tokens,
     step_gate,
     union_loss_weights,
 )
 from .generation import PolicySampler
 from .model_card import long_reward_card_section
 from .offline import OfflinePairs, check_offline_columns
-from .outage import JudgeUnavailableError, outage_message
+from .outage import JudgeUnavailableError, no_pairs_message
 from .pair_buffer import PairBuffer
 from .prompt_once import pack_pairs, prompt_once_forward, unsupported_reason
-from .rewards import describe_reward, score_samples
+from .rewards import check_reward_weights, describe_reward, score_samples
+from .window_metrics import merge_payloads, window_payload
 
 _PAIR_SHARES = "pair_shares"
 PAIR_STATS_FILE = "long_reward_pair_stats.json"
@@ -98,8 +107,9 @@ class JudgedStep:
 
 @dataclass
 class _StepPairs:
-    """What one micro-step trains on, and how it came about (see `training_step`)."""
+    """What one micro-step trains on, and how it came about (see `_online_step`)."""
 
+    rows: list[dict[str, Any]]
     online: list[dict[str, Any]]
     selections: list[PairSelection]
     rewards: list[float | None]
@@ -110,6 +120,20 @@ class _StepPairs:
     judging_s: float = 0.0  # time this step waited for the judge
     judging_background_s: float | None = None  # async_judging: the time the batch's judging took, in the background
     batch: SampledBatch | None = None
+    judgements: list[Any] | None = None
+
+
+@dataclass
+class _Window:
+    """One optimizer step's accumulation window on this rank, prepared by `_online_step`: per micro-step its pairs,
+    its preference batch and its share of the step's pairs; and what its micro-steps add as they train."""
+
+    steps: list[_StepPairs]
+    batches: list[dict[str, Any]]
+    shares: list[PairShares]
+    generation_s: float = 0.0
+    training_s: float = 0.0
+    loss_metrics: list[tuple[PairShares, dict[str, list]]] = field(default_factory=list)
 
 
 class LongContextDPOTrainer(DPOTrainer):
@@ -140,6 +164,9 @@ class LongContextDPOTrainer(DPOTrainer):
     """
 
     _tag_names = ["trl", "dpo", "long-reward", "trl-longreward"]
+    # `compute_loss` weights each micro-step by its share of the pairs of the whole accumulation window over all
+    # ranks: Transformers must not divide it by the accumulation steps again.
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -201,10 +228,7 @@ class LongContextDPOTrainer(DPOTrainer):
         self.reward_funcs = self._build_reward_funcs(reward_funcs)
         self.reward_func_names = [get_callable_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions."
-            )
+        check_reward_weights(self.reward_funcs, weights)  # at construction, not at the first step
         self.reward_weights = [float(w) for w in weights]
         prepared_offline = None
         if offline_dataset is not None:
@@ -223,13 +247,12 @@ class LongContextDPOTrainer(DPOTrainer):
         )
         self.pair_stats: Counter = Counter()
         self._prompt_once_warned: set[str] = set()
-        self._judge_outage_steps = 0
+        self._no_pair_steps = 0  # optimizer steps in a row without any online pair on any rank
         self.judging: BackgroundJudging | None = None  # async_judging: made at the start of each train()
         self._window: list[list[dict[str, Any]]] = []  # the micro-batches of the current optimizer step
+        self._prepared: _Window | None = None  # and what its online step prepared for them
         self._next_window: list[list[dict[str, Any]]] = []  # and of the next one, read ahead (async_judging)
         self._window_iterator: Any = None
-        self._window_planned = False
-        self._prefetch: list[list[dict[str, Any]]] = []
         self._generation_s = 0.0
         #: async_judging: batches sampled and judged but never trained on (training stopped before them)
         self.untrained_batches: list[dict[str, Any]] = []
@@ -266,49 +289,124 @@ class LongContextDPOTrainer(DPOTrainer):
 
     # ----- the online step -----
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Transformers' window of micro-batches for one optimizer step. The online step runs for the whole window
+        before its first micro-step trains (`_online_step`). With `async_judging`, the next step's window is read
+        ahead (when that step will run: not past `max_steps`, not past the epoch's end), so that its prompts can be
+        sampled and judged while this step trains."""
+        if self.judging is not None and self._next_window and self._window_iterator is epoch_iterator:
+            window = self._next_window
+        else:
+            window, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._next_window = []
+        if self.judging is not None and window and self.state.global_step + 1 < self.state.max_steps:
+            steps = self.args.gradient_accumulation_steps
+            self._next_window, _ = super().get_batch_samples(epoch_iterator, steps, device)
+        self._window_iterator = epoch_iterator
+        self._window, self._prepared = list(window), None
+        return window, None
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-step: the first one of an optimizer step's window runs the window's online step
+        (`_online_step`), then each trains on its own pairs, its loss weighted by its share of the window's pairs."""
         rows: list[dict[str, Any]] = inputs
-        self._generation_s = 0.0
-        step = self._async_pairs(rows) if self.judging is not None else self._serial_pairs(rows)
-        judged = time.perf_counter()
-        examples = list(step.online)
-        num_online = len(examples)
-        examples.extend(self.offline_pairs.draw(num_online, self.args.per_device_train_batch_size))
-        num_offline = len(examples) - num_online
-        outage = self._log_step(
-            rows, step.selections, num_online, num_offline, step.rewards, step.metrics, new_pairs=step.new
-        )
-        self._judge_outage_steps = self._judge_outage_steps + 1 if outage else 0
-        if self.args.max_judge_outage_steps and self._judge_outage_steps >= self.args.max_judge_outage_steps:
-            self._stop_for_judge_outage(model, step.metrics)
-        prefetch_started = time.perf_counter()
-        self._sample_ahead()  # async_judging: the next step's batches, judged while this one trains
-        prefetched = time.perf_counter()
-        num_pairs = len(examples)
-        if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
-            first = step.samples[0][0]["completion_ids"]
-            examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
-        batch = self.preference_collator(examples)
-        # every rank, every micro-step: the ranks' pair counts weight their losses (see compute_loss)
-        shares = gather_pair_shares(self.accelerator, num_pairs, chosen_completion_tokens(batch) if num_pairs else 0)
+        position = next((i for i, micro in enumerate(self._window) if micro is rows), None)
+        if position is None:  # a micro-step outside the trainer's own loop: a window of its own
+            self._window, self._prepared, position = [rows], None, 0
+        if self._prepared is None:
+            self._prepared = self._online_step(model, self._window)
+        window = self._prepared
+        began = time.perf_counter()
+        shares = window.shares[position]
+        batch = dict(window.batches[position])
         batch[_PAIR_SHARES] = shares
+        metrics = self._metrics["train"]
+        before = metrics_snapshot(metrics)
         loss = super().training_step(model, batch, num_items_in_batch)
+        # TRL's DPO metrics of this micro-step: merged over the window, weighted by pairs, at its end
+        window.loss_metrics.append((shares, metrics_added_since(metrics, before)))
+        drop_metrics_since(metrics, before)
         gate = step_gate(self.optimizer)
-        if gate is not None:  # no pair on any rank in the whole accumulation window: the optimizer step is skipped
+        if gate is not None:  # no pair on any rank in the whole window: the optimizer step is skipped
             gate.add(shares.total, sync=self.accelerator.sync_gradients)
+        step = window.steps[position]
         if step.batch is not None:
             self.judging.trained(step.batch)
-        trained = time.perf_counter()
-        metrics = self._metrics["train"]
-        metrics["time/generation_s"].append(self._generation_s)
-        metrics["time/judging_s"].append(step.judging_s)
-        # sampling ahead counts as generation, not as training
-        metrics["time/training_s"].append(trained - judged - (prefetched - prefetch_started))
-        if step.judging_background_s is not None:
-            metrics["time/judging_background_s"].append(step.judging_background_s)
-        if step.policy_step is not None:
-            metrics["pairs/staleness"].append(self.state.global_step - step.policy_step)
+        window.training_s += time.perf_counter() - began
+        if position == len(window.steps) - 1:
+            self._log_window_end(window)
         return loss
+
+    def _online_step(self, model, window: list[list[dict[str, Any]]]) -> _Window:
+        """The online part of one optimizer step, for its whole accumulation window on this rank, before any of its
+        micro-steps trains. Every rank runs it once per optimizer step.
+
+        1. The pairs of each micro-batch: on a `num_iterations` repeat, those buffered for this window; otherwise
+           its prompts sampled by the current policy and judged now (serial), or sampled by the previous step's
+           policy and judged in the background (`async_judging`), then best vs worst of each prompt.
+        2. The step's numbers over all ranks (one gather, `window_metrics`). A run without any online pair for
+           `max_judge_outage_steps` optimizer steps stops here, before anything of this step is kept, so the
+           checkpoint it writes holds the last completed step.
+        3. Offline pairs at `offline_ratio` of the step's pairs, rows disjoint across ranks (`offline.py`).
+        4. Every micro-step's share of the step's pairs (one all-gather, `ddp.py`), which weights its loss.
+        5. Kept: the pair statistics, the buffer for repeats, the step's metrics; callbacks get the judged samples.
+        6. `async_judging`: the next step's window is sampled, and its judging starts.
+        """
+        step_index = self.state.global_step
+        self._generation_s = 0.0
+        repeat = self.pair_buffer.is_repeat(step_index)
+        if repeat:  # the same prompts again (num_iterations > 1): train on the pairs generated for them
+            steps = [
+                _StepPairs(rows, examples, selections, rewards, samples, {}, False, policy_step)
+                for rows, (examples, selections, rewards, samples, policy_step) in zip(
+                    window, self.pair_buffer.peek(window, step_index), strict=True
+                )
+            ]
+        elif self.judging is not None:
+            steps = self._async_pairs(window)
+        else:
+            steps = [self._serial_pairs(rows) for rows in window]
+        # 2. the step's numbers over all ranks, and the stop for a run without pairs
+        payloads = gather_object([window_payload(steps)])
+        counts, reward_metrics = merge_payloads(payloads)
+        self._no_pair_steps = 0 if counts["online"] else self._no_pair_steps + 1
+        limit = self.args.max_judge_outage_steps
+        if limit and self._no_pair_steps >= limit:
+            self._stop_without_pairs(model, counts)
+        # 3. offline pairs; 4. the micro-steps' shares of the step's pairs
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        num_offline = self.offline_pairs.window_count(counts["online"], counts["prompts"])
+        offline = self.offline_pairs.draw_window(
+            counts["online"], counts["prompts"], world_size=world, rank=rank, micro_steps=len(window)
+        )
+        batches, local = [], []
+        for rows, step, extra in zip(window, steps, offline, strict=True):
+            examples = step.online + extra
+            num_pairs = len(examples)
+            if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
+                first = step.samples[0][0]["completion_ids"]
+                examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
+            batch = self.preference_collator(examples)
+            batches.append(batch)
+            tokens = (chosen_completion_tokens(batch), rejected_completion_tokens(batch)) if num_pairs else (0, 0)
+            local.append((num_pairs, *tokens))
+        shares = gather_window_shares(self.accelerator, local)
+        # 5. kept
+        if repeat:
+            self.pair_buffer.advance()
+        else:
+            entries = [(s.online, s.selections, s.rewards, s.samples, s.policy_step) for s in steps]
+            self.pair_buffer.remember(window, entries)
+            for step in steps:
+                self._notify_step_judged(
+                    step.rewards, step.selections, step.judgements, step.samples, step.policy_step
+                )
+        self._log_window(counts, reward_metrics, num_offline, new_pairs=not repeat)
+        # 6. async_judging: the next window, sampled now and judged while this one trains
+        if self.judging is not None and self._next_window and not self.pair_buffer.is_repeat(step_index + 1):
+            for rows in self._next_window:
+                self._sample_and_submit(rows)
+        return _Window(steps=steps, batches=batches, shares=shares, generation_s=self._generation_s)
 
     def _sample(self, rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """The policy's samples for `rows`, now (timed as generation)."""
@@ -327,48 +425,63 @@ class LongContextDPOTrainer(DPOTrainer):
             trainer_state=trainer_state,
         )
 
-    def _judged_pairs(self, rows, samples, scored, policy_step) -> tuple[list, list]:
-        """Pairs of the judged `samples`, remembered for num_iterations repeats, and told to the callbacks."""
-        online, selections = self._select_pairs(rows, samples, scored.rewards)
-        self.pair_buffer.remember(rows, (online, selections, scored.rewards, samples, policy_step))
-        self._notify_step_judged(scored.rewards, selections, scored.judgements, samples, policy_step)
-        return online, selections
-
     def _serial_pairs(self, rows) -> _StepPairs:
-        """Sample, judge and pair now (or take the pairs of a num_iterations repeat from the buffer)."""
-        reused = self.pair_buffer.reuse(rows)
-        if reused is not None:  # the same prompts again (num_iterations > 1): train on the pairs generated for them
-            online, selections, rewards, samples, policy_step = reused
-            return _StepPairs(online, selections, rewards, samples, {}, False, policy_step)
+        """Sample, judge and pair now."""
         samples = self._sample(rows)
         policy_step = self.state.global_step
         began = time.perf_counter()
         scored = self._score(rows, samples, self.state)
         judging_s = time.perf_counter() - began
-        online, selections = self._judged_pairs(rows, samples, scored, policy_step)
-        return _StepPairs(online, selections, scored.rewards, samples, scored.metrics, True, policy_step, judging_s)
-
-    def _async_pairs(self, rows) -> _StepPairs:
-        """The pairs of `rows` judged in the background (sampled one step ago), waiting for their judging if it is
-        still running; at the first micro-step of an optimizer step, the batches of this step that nobody sampled
-        yet (the first step, a new epoch) are sampled and judged first, and the next step's batches are planned."""
-        if not self._window_planned and self._window and rows is self._window[0]:
-            self._plan_window()
-        reused = self.pair_buffer.reuse(rows)
-        if reused is not None:
-            online, selections, rewards, samples, policy_step = reused
-            return _StepPairs(online, selections, rewards, samples, {}, False, policy_step)
-        assert self.judging is not None
-        batch = self.judging.find(rows)
-        if batch is None:  # a micro-step outside the trainer's own loop: judge it now
-            batch = self._sample_and_submit(rows)
-        self.judging.judge_restored(rows, copy.copy(self.state))
-        scored, waited, busy = self.judging.take(batch)
-        online, selections = self._judged_pairs(rows, batch.samples, scored, batch.policy_step)
+        online, selections = self._select_pairs(rows, samples, scored.rewards)
         return _StepPairs(
-            online, selections, scored.rewards, batch.samples, scored.metrics, True, batch.policy_step, waited, busy,
-            batch,
+            rows, online, selections, scored.rewards, samples, scored.metrics, True, policy_step, judging_s,
+            judgements=scored.judgements,
         )  # fmt: skip
+
+    def _async_pairs(self, window) -> list[_StepPairs]:
+        """The pairs of the window's micro-batches, judged in the background (sampled one step ago), waiting for
+        their judging if it is still running. Micro-batches nobody sampled yet (the first step, a new epoch) are
+        sampled and judged now; batches restored from a checkpoint are judged again (the judge cache answers)."""
+        assert self.judging is not None
+        keep = {rows_key(rows) for rows in (*window, *self._next_window)}
+        dropped = self.judging.drop_restored(keep)
+        if dropped:
+            logger.warning(
+                "async_judging: %d sampled batch(es) saved in the checkpoint are not the prompts this run serves now "
+                "(the data order changed); they are sampled again.",
+                dropped,
+            )
+        state = copy.copy(self.state)
+        claimed = []
+        for rows in window:
+            batch = self.judging.find(rows)
+            if batch is None:
+                batch = self._sample_and_submit(rows)
+            elif batch.future is None:
+                self.judging.judge_again(batch, rows, state)
+            batch.taken = True  # claimed: a second micro-batch of the same prompts gets its own batch
+            claimed.append(batch)
+        steps = []
+        for rows, batch in zip(window, claimed, strict=True):
+            scored, waited, busy = self.judging.take(batch)
+            online, selections = self._select_pairs(rows, batch.samples, scored.rewards)
+            steps.append(
+                _StepPairs(
+                    rows,
+                    online,
+                    selections,
+                    scored.rewards,
+                    batch.samples,
+                    scored.metrics,
+                    True,
+                    batch.policy_step,
+                    waited,
+                    busy,
+                    batch,
+                    judgements=scored.judgements,
+                )  # fmt: skip
+            )
+        return steps
 
     def _sample_and_submit(self, rows) -> SampledBatch:
         assert self.judging is not None
@@ -377,62 +490,6 @@ class LongContextDPOTrainer(DPOTrainer):
         return self.judging.submit(
             rows, samples, policy_step=self.state.global_step, trainer_state=copy.copy(self.state)
         )
-
-    def _plan_window(self) -> None:
-        """Which micro-batches of this optimizer step and of the next one need new samples (not a num_iterations
-        repeat of pairs already buffered or being judged); sample this step's now, the next step's after this
-        micro-step's outage check (`_sample_ahead`). In the serial trainer's order, so that the same seed draws the
-        same samples. Batches restored from a checkpoint are judged again now (the judge cache answers them)."""
-        assert self.judging is not None
-        self._window_planned = True
-        window, ahead = self._window, self._next_window
-        dropped = self.judging.drop_restored({rows_key(rows) for rows in (*window, *ahead)})
-        if dropped:
-            logger.warning(
-                "async_judging: %d sampled batch(es) saved in the checkpoint are not the prompts this run serves now "
-                "(the data order changed); they are sampled again.",
-                dropped,
-            )
-        state = copy.copy(self.state)
-        for rows in window:
-            self.judging.judge_restored(rows, state)
-        supply: Counter = Counter(self.pair_buffer.remaining())
-        for batch in self.judging.untaken():
-            supply[batch.key] += self.args.num_iterations
-        now, later = [], []
-        for position, rows in enumerate((*window, *ahead)):
-            key = rows_key(rows)
-            if supply[key] > 0:
-                supply[key] -= 1
-                continue
-            supply[key] += self.args.num_iterations - 1
-            (now if position < len(window) else later).append(rows)
-        for rows in now:
-            self._sample_and_submit(rows)
-        self._prefetch = later
-
-    def _sample_ahead(self) -> None:
-        batches, self._prefetch = self._prefetch, []
-        for rows in batches:
-            self._sample_and_submit(rows)
-
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Transformers' window of micro-batches for one optimizer step; with `async_judging`, the next step's
-        window is read ahead (when that step will run: not past `max_steps`, not past the epoch's end), so that its
-        prompts can be sampled and judged while this step trains."""
-        if self.judging is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self._next_window and self._window_iterator is epoch_iterator:
-            window = self._next_window
-        else:
-            window, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._next_window = []
-        if window and self.state.global_step + 1 < self.state.max_steps:
-            steps = self.args.gradient_accumulation_steps
-            self._next_window, _ = super().get_batch_samples(epoch_iterator, steps, device)
-        self._window_iterator = epoch_iterator
-        self._window, self._window_planned = list(window), False
-        return window, None
 
     def _select_pairs(self, rows, samples, rewards):
         """Best-vs-worst pair of each prompt, from the policy's own tokens; prompts without a pair are skipped."""
@@ -491,13 +548,15 @@ class LongContextDPOTrainer(DPOTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's DPO loss; for a training batch (which carries the micro-step's `PairShares`) weighted by this rank's
-        share of the pairs of all ranks, so that DDP's gradient average is the gradient over the union of their pairs.
+        """TRL's DPO loss; for a training batch (which carries the micro-step's `PairShares`) weighted by this
+        micro-step's share of the pairs of its whole accumulation window over all ranks (`world_size * pairs /
+        window pairs`; TRL's "sft" term by chosen tokens), so that DDP's average of the gradients accumulated over
+        the window is the gradient over the union of the window's pairs, as one process with one micro-step would
+        take it (`loss_is_scaled_for_ga`: Transformers does not divide it by the accumulation steps).
 
-        Transformers divides the result by the gradient accumulation steps (`num_items_in_batch` is None: the batches
-        are prompt rows), so each micro-step counts as the mean over its pairs, as on one process. TRL's DPO metrics
-        are gathered through `PairMetricsAccelerator`, which takes each rank's real pairs (a stand-in pair is in no
-        metric, and ranks of any size gather together); a micro-step without any pair adds no DPO metric.
+        TRL's DPO metrics are gathered through `PairMetricsAccelerator`, which takes each rank's real pairs (a
+        stand-in pair is in no metric, and ranks of any size gather together); a micro-step without any pair adds
+        no DPO metric, and the window's micro-steps are merged into one value, weighted by their pairs.
         """
         shares = inputs.pop(_PAIR_SHARES, None)
         if shares is None:  # evaluation: ordinary preference batches
@@ -551,15 +610,16 @@ class LongContextDPOTrainer(DPOTrainer):
 
     # ----- judge outages, checkpoints, the model card -----
 
-    def _stop_for_judge_outage(self, model, reward_metrics: dict[str, float]) -> None:
-        """Save a checkpoint (every rank takes part) and raise with what happened and how to go on."""
+    def _stop_without_pairs(self, model, counts: Counter) -> None:
+        """Save a checkpoint (every rank takes part; it holds the last completed optimizer step) and raise with what
+        happened and how to go on."""
         self._save_checkpoint(model, trial=None)
         judges = [info.get("judge", {}) for info in map(describe_reward, self.reward_funcs)]
         caches = {str(p) for f in self.reward_funcs if (p := getattr(getattr(f, "config", None), "cache_path", None))}
         raise JudgeUnavailableError(
-            outage_message(
-                steps=self._judge_outage_steps,
-                failed_calls=reward_metrics.get("long_reward/judge_errors", 0),
+            no_pairs_message(
+                steps=self._no_pair_steps,
+                counts=counts,
                 endpoints=sorted(
                     {str(j.get("base_url") or j.get("base_urls") or j.get("model") or "?") for j in judges}
                 ),
@@ -594,7 +654,7 @@ class LongContextDPOTrainer(DPOTrainer):
         `args.long_reward`) is closed when training ends, also when it stops on an error. With `async_judging`,
         batches judged but never trained on (training stopped early) are reported (`untrained_batches`)."""
         self.judging = BackgroundJudging(self._score) if self.args.async_judging else None
-        self._window, self._next_window, self._prefetch, self._window_planned = [], [], [], False
+        self._window, self._next_window, self._prepared, self._no_pair_steps = [], [], None, 0
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
@@ -678,44 +738,49 @@ class LongContextDPOTrainer(DPOTrainer):
 
     # ----- logging -----
 
-    def _log_step(self, rows, selections, num_online, num_offline, rewards, reward_metrics, new_pairs=True) -> bool:
+    def _log_window(
+        self, counts: Counter, reward_metrics: dict[str, float], num_offline: int, new_pairs: bool
+    ) -> None:
+        """The step's pair and judge numbers, over all ranks and the whole window (`window_metrics`)."""
         metrics = self._metrics["train"]
-        stats = torch.tensor(
-            [
-                len(rows),
-                num_online,
-                num_offline,
-                sum(s.chosen_reward for s in selections if s.ok),
-                sum(s.rejected_reward for s in selections if s.ok),
-                sum(1 for r in rewards if r is None),
-                len(rewards),
-                sum(1 for row in rows if row.get("truncated")),
-                reward_metrics.get("long_reward/judge_errors", 0.0),
-                *(sum(1 for s in selections if s.skip_reason == reason) for reason in SKIP_REASONS),
-            ],
-            dtype=torch.float64,
-            device=self.accelerator.device,
-        )
-        stats = self.accelerator.reduce(stats, reduction="sum")  # every rank calls this once per step
-        prompts, online, offline, chosen, rejected, unscored, scored_total, truncated, judge_errors = stats[
-            :9
-        ].tolist()
-        skipped = dict(zip(SKIP_REASONS, stats[9:].tolist(), strict=True))
-        metrics["pairs/valid_pair_rate"].append(online / prompts)
+        prompts, online = counts["prompts"], counts["online"]
+        metrics["pairs/valid_pair_rate"].append(online / prompts if prompts else 0.0)
         metrics["pairs/online"].append(online)
-        metrics["pairs/offline"].append(offline)
-        metrics["pairs/unscored_sample_rate"].append(unscored / scored_total)
-        metrics["prompts/truncated_rate"].append(truncated / prompts)
-        for reason, count in skipped.items():
-            metrics[f"pairs/skipped_{reason}"].append(count)
+        metrics["pairs/offline"].append(num_offline)
+        metrics["pairs/unscored_sample_rate"].append(
+            counts["unscored"] / counts["samples"] if counts["samples"] else 0.0
+        )
+        metrics["prompts/truncated_rate"].append(counts["truncated"] / prompts if prompts else 0.0)
+        for reason in SKIP_REASONS:
+            metrics[f"pairs/skipped_{reason}"].append(counts[f"skipped_{reason}"])
         if online:
-            metrics["rewards/chosen_mean"].append(chosen / online)
-            metrics["rewards/rejected_mean"].append(rejected / online)
-            metrics["rewards/gap_mean"].append((chosen - rejected) / online)
+            metrics["rewards/chosen_mean"].append(counts["chosen_sum"] / online)
+            metrics["rewards/rejected_mean"].append(counts["rejected_sum"] / online)
+            metrics["rewards/gap_mean"].append((counts["chosen_sum"] - counts["rejected_sum"]) / online)
         for name, value in reward_metrics.items():
             metrics[name].append(value)
         if new_pairs:  # pairs trained on again (num_iterations > 1) are not counted twice
-            self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(offline)})
-            self.pair_stats.update({f"skipped_{k}": int(v) for k, v in skipped.items()})
-        # an outage: no sample of any rank was scored, and the judge failed (errors, not malformed answers)
-        return unscored == scored_total and judge_errors > 0
+            self.pair_stats.update({"prompts": int(prompts), "pairs": int(online), "offline_pairs": int(num_offline)})
+            self.pair_stats.update({f"skipped_{r}": int(counts[f"skipped_{r}"]) for r in SKIP_REASONS})
+
+    def _log_window_end(self, window: _Window) -> None:
+        """After the window's last micro-step: TRL's DPO metrics of its micro-steps merged into one value per step,
+        weighted by the micro-steps' pairs or tokens over all ranks (`merge_micro_step_metrics`; a micro-step without
+        any pair added none), and the step's times. A number of the step is thus the number of its pairs, whatever
+        their split over micro-steps and ranks."""
+        metrics = self._metrics["train"]
+        for key, value in merge_micro_step_metrics(window.loss_metrics).items():
+            if key in RUNNING_TOTALS:
+                metrics[key] = [value]
+            else:
+                metrics[key].append(value)
+        steps = window.steps
+        metrics["time/generation_s"].append(window.generation_s)
+        metrics["time/judging_s"].append(sum(s.judging_s for s in steps))
+        metrics["time/training_s"].append(window.training_s)
+        background = [s.judging_background_s for s in steps if s.judging_background_s is not None]
+        if background:
+            metrics["time/judging_background_s"].append(sum(background))
+        policy_steps = [s.policy_step for s in steps if s.policy_step is not None]
+        if policy_steps:
+            metrics["pairs/staleness"].append(self.state.global_step - sum(policy_steps) / len(policy_steps))
