@@ -249,3 +249,21 @@ def test_a_retriever_that_cannot_be_built_stops_scoring_instead_of_failing_every
             reward(**_rows(GOOD, GOOD + " Also willows."))  # not [None, None]
     # fixed, the same reward scores again
     assert reward(**_rows(GOOD)) == [pytest.approx((8.0 + 10.0) / 2)]
+
+
+def test_a_training_run_without_the_embeddings_extra_is_refused_when_the_trainer_is_built(monkeypatch, tmp_path):
+    """The trainer builds its default reward at construction: a run whose faithfulness needs the missing extra fails
+    there, naming the extra, instead of training on failed faithfulness scores (or on nothing) for hours."""
+    from tiny_models import prompts_dataset, small_dpo_config, tiny_llama
+
+    from trl_longreward import LongContextDPOTrainer
+
+    model_path = str(tiny_llama(tmp_path / "model"))
+    long_reward = {"judge_base_url": "http://127.0.0.1:9/v1", "judge_model": "m", "chunk_tokenizer": "regex"}
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)
+    with pytest.raises(ImportError, match=r'pip install "trl-longreward\[embeddings\]"'):
+        LongContextDPOTrainer(
+            model=model_path,
+            args=small_dpo_config(tmp_path / "out", long_reward=long_reward),
+            train_dataset=prompts_dataset(),
+        )

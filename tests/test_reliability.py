@@ -392,6 +392,72 @@ def test_judge_outage_for_max_judge_outage_steps_checkpoints_stops_and_resumes(m
     assert len(new_logs) == 2 and any(entry["pairs/online"] > 0 for entry in new_logs)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_outage_stop_counts_optimizer_steps_with_num_iterations_and_accumulation(model_path: str, tmp_path: Path):
+    """num_iterations=2, gradient accumulation 2, max_judge_outage_steps=3: the judge goes down after step 2 (the
+    repeat of step 1's pairs). Steps 3 (new prompts, every call fails), 4 (its repeat: still no pair) and 5 (new
+    prompts, failing) have no pair: step 5 stops before training, with checkpoint-4 (the last completed step), whose
+    pair statistics hold the two judged steps only. A repeat of a failed window does not reset the count, and the
+    count is of optimizer steps, not micro-steps. Resumed with the judge back, step 5 is judged and trained."""
+    out = tmp_path / "out"
+    with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=length_helpfulness)) as server:
+        long_reward = {
+            "judge_base_url": server.base_url,
+            "judge_model": "scripted-judge",
+            "judge_max_retries": 0,
+            "retriever": "bm25",
+            "chunk_tokenizer": "regex",
+        }
+        settings = dict(
+            long_reward=long_reward,
+            max_judge_outage_steps=3,
+            num_iterations=2,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=1,
+            num_generations=2,
+            max_completion_length=8,
+            save_strategy="steps",
+            save_steps=100,
+        )
+
+        def go_down(step: int) -> None:
+            if step == 2:
+                server.set_down(True)
+
+        trainer = LongContextDPOTrainer(
+            model=model_path,
+            args=dpo_config(out, max_steps=10, **settings),
+            train_dataset=prompts_dataset(8),
+            callbacks=[OnStepEnd(go_down)],
+        )
+        with pytest.raises(JudgeUnavailableError) as stopped:
+            trainer.train()
+        for func in trainer.reward_funcs:
+            func.close()
+        assert trainer.state.global_step == 4
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+        message = str(stopped.value)
+        assert "3 consecutive steps" in message and "checkpoint-4" in message and server.base_url in message, message
+        logs = {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+        assert logs[1]["pairs/online"] > 0 and logs[2]["pairs/online"] == logs[1]["pairs/online"]  # the repeat
+        assert logs[3]["pairs/online"] == 0 and logs[3]["long_reward/judge_errors"] > 0
+        assert logs[4]["pairs/online"] == 0 and "long_reward/judge_errors" not in logs[4]  # a repeat: no judging
+        saved = json.loads((out / "checkpoint-4" / "long_reward_pair_stats.json").read_text(encoding="utf-8"))
+        assert saved["pair_stats"]["prompts"] == 4  # steps 1 and 3 judged 2 prompts each; step 5 kept nothing
+
+        server.set_down(False)
+        resumed = LongContextDPOTrainer(
+            model=model_path, args=dpo_config(out, max_steps=6, **settings), train_dataset=prompts_dataset(8)
+        )
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+        for func in resumed.reward_funcs:
+            func.close()
+    new_logs = {entry["step"]: entry for entry in resumed.state.log_history if "loss" in entry and entry["step"] > 4}
+    assert sorted(new_logs) == [5, 6] and new_logs[5]["pairs/online"] > 0
+    assert new_logs[6]["pairs/online"] == new_logs[5]["pairs/online"]
+
+
 # ===================================================================================================================
 # 3. kill -9 mid-step and resume; the judge cache under SIGKILL
 # ===================================================================================================================

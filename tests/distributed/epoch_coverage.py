@@ -26,13 +26,21 @@ from tiny_models import small_dpo_config, tiny_llama  # noqa: E402
 
 from trl_longreward import LongContextDPOTrainer  # noqa: E402
 
+OFFLINE_ROWS = 200  # more than one epoch draws: a row trained twice is a repeat across ranks, not a cycle
 NUM_PROMPTS = 12  # a multiple of 2 x 2 and 3 x 2 ranks x accumulation steps: every epoch ends on a full window
-# (gradient_accumulation_steps, num_iterations, async_judging)
-SETTINGS = [(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)]
+# (gradient_accumulation_steps, num_iterations, async_judging, resumed): every combination, and two runs stopped
+# after their first optimizer step (a checkpoint) and resumed from it by a new trainer; with num_iterations=2 the stop
+# falls between the two uses of a window's pairs.
+SETTINGS = [
+    *((ga, it, asynchronous, False) for asynchronous in (False, True) for it in (1, 2) for ga in (1, 2)),
+    (2, 1, False, True),
+    (1, 2, False, True),
+]
 
 
-def setting_name(accumulation: int, iterations: int, asynchronous: bool) -> str:
-    return f"ga{accumulation}-it{iterations}-{'async' if asynchronous else 'serial'}"
+def setting_name(accumulation: int, iterations: int, asynchronous: bool, resumed: bool = False) -> str:
+    name = f"ga{accumulation}-it{iterations}-{'async' if asynchronous else 'serial'}"
+    return f"{name}-resumed" if resumed else name
 
 
 class RecordingReward:
@@ -51,6 +59,65 @@ class RecordingReward:
         return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]
 
 
+class RecordingCollator:
+    """TRL's preference collator, recording the prompt of every pair the trainer builds a batch of."""
+
+    def __init__(self, tokenizer: Any, max_length: int | None) -> None:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        self.tokenizer = tokenizer
+        self.inner = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
+        self.prompts: list[str] = []
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        self.prompts.extend(self.tokenizer.decode(e["prompt_ids"], skip_special_tokens=True) for e in examples)
+        return self.inner(examples)
+
+
+def offline_run(out: Path, model_path: Path, dataset: Dataset) -> dict[str, Any]:
+    """One epoch with offline pairs at offline_ratio=0.5, gradient accumulation 2: which offline rows this rank
+    trained on, and the logged pair counts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    offline = Dataset.from_list(
+        [
+            {"prompt": f"Offline question {i}?", "chosen": f"Answer {i}.", "rejected": "No idea."}
+            for i in range(OFFLINE_ROWS)
+        ]
+    )
+    args = small_dpo_config(
+        out / "offline",
+        ddp_backend="gloo",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=-1,
+        num_train_epochs=1,
+        num_generations=2,
+        max_completion_length=4,
+        max_prompt_length=96,
+        offline_ratio=0.5,
+        seed=0,
+    )
+    collator = RecordingCollator(tokenizer, args.max_length)
+    trainer = LongContextDPOTrainer(
+        model=str(model_path),
+        args=args,
+        train_dataset=dataset,
+        reward_funcs=[RecordingReward()],
+        offline_dataset=offline,
+        data_collator=collator,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "pairs/online" in entry]
+    return {
+        "offline_prompts": [p for p in collator.prompts if p.startswith("Offline question")],
+        "logged_online": [entry["pairs/online"] for entry in logs],
+        "logged_offline": [entry["pairs/offline"] for entry in logs],
+        "cursor": trainer.offline_pairs.cursor,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
@@ -62,11 +129,10 @@ def main() -> None:
         [{"context": f"{CONTEXT} Record {i}.", "question": f"What is record {i} about?"} for i in range(NUM_PROMPTS)]
     )
     record: dict[str, Any] = {"rank": rank, "settings": {}}
-    for accumulation, iterations, asynchronous in SETTINGS:
-        name = setting_name(accumulation, iterations, asynchronous)
+    for accumulation, iterations, asynchronous, resumed in SETTINGS:
+        name = setting_name(accumulation, iterations, asynchronous, resumed)
         reward = RecordingReward()
-        args = small_dpo_config(
-            out / name,
+        values: dict[str, Any] = dict(
             ddp_backend="gloo",
             per_device_train_batch_size=1,
             gradient_accumulation_steps=accumulation,
@@ -79,9 +145,18 @@ def main() -> None:
             max_prompt_length=96,
             seed=0,
         )
+        if resumed:  # stopped after its first step (checkpoint-1), then a new trainer resumes the epoch
+            first = small_dpo_config(
+                out / name, **{**values, "max_steps": 1, "save_strategy": "steps", "save_steps": 1}
+            )
+            LongContextDPOTrainer(
+                model=str(model_path), args=first, train_dataset=dataset, reward_funcs=[reward]
+            ).train()
+        args = small_dpo_config(out / name, **values)
         trainer = LongContextDPOTrainer(model=str(model_path), args=args, train_dataset=dataset, reward_funcs=[reward])
-        trainer.train()
+        trainer.train(resume_from_checkpoint=True if resumed else None)
         record["settings"][name] = {"questions": reward.questions, "global_step": trainer.state.global_step}
+    record["offline"] = offline_run(out, model_path, dataset)
     (out / f"rank{rank}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
