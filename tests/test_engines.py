@@ -113,16 +113,17 @@ def max_difference(actual: dict[str, torch.Tensor], expected: dict[str, torch.Te
     return diffs[worst], worst
 
 
-def check_run(runs: list[dict[str, Any]], engine: str, mode: str, steps: int) -> None:
-    """What every rank of one job must have seen: the engine, generation, prompt-once rows, synced parameters."""
+def check_run(runs: list[dict[str, Any]], engine: str, mode: str, steps: int, generations: int | None = None) -> None:
+    """What every rank of one job must have seen: the engine, generation (`generations` calls, default one per
+    step), prompt-once rows, synced parameters."""
     for record in runs:
         assert record["engine"] == engine and record["num_processes"] == NUM_RANKS, record
         assert record["backend"] == "gloo" and record["mode"] == mode, record
         assert record["global_step"] == MAX_STEPS, record
         # generation went through TRL's unwrap_model_for_generation, once per step, on the engine's model
-        generations = record["generations"]
-        assert len(generations) == steps, generations
-        for seen in generations:
+        seen_calls = record["generations"]
+        assert len(seen_calls) == (steps if generations is None else generations), seen_calls
+        for seen in seen_calls:
             if engine == "fsdp2":  # the FSDP2-managed policy itself: its layers are gathered one by one
                 assert seen["dtensor_params"] > 0, seen
             if engine == "zero3":  # ZeRO-3 partitions gathered for `generate`
@@ -156,56 +157,66 @@ def ddp_parameters(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, i
     from trl_longreward.models import default_model_path
 
     default_model_path()  # the tokenizer is converted once here, before ranks would wait on the same lock
-    cache: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    cache: dict[tuple[str, int, bool], dict[str, torch.Tensor]] = {}
 
-    def get(mode: str, steps: int) -> dict[str, torch.Tensor]:
-        if (mode, steps) not in cache:
+    def get(mode: str, steps: int, asynchronous: bool = False) -> dict[str, torch.Tensor]:
+        if (mode, steps, asynchronous) not in cache:
             out = tmp_path_factory.mktemp(f"ddp-{mode}")
             with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=digest_score)) as server:
                 args = ["--mode", mode, "--max_steps", str(steps), "--tag", "ddp", *MODE_ARGS[mode]]
+                args += ["--async_judging"] if asynchronous else []
                 code, output, _ = launch(CONFIGS / CPU_CONFIGS["ddp"], out, server.base_url, *args)
             check_finished(code, output, f"the DDP reference ({mode})")
             assert all(r["engine"] == "ddp" for r in records(out, "ddp")), records(out, "ddp")
-            cache[mode, steps] = parameters(out, "ddp")
-        return cache[mode, steps]
+            cache[mode, steps, asynchronous] = parameters(out, "ddp")
+        return cache[mode, steps, asynchronous]
 
     return get
 
 
 # Every engine x mode trains and checkpoints; a resume (a second job from the first checkpoint, one launch more) is
 # run for full fine-tuning on every engine and for LoRA under ZeRO-3 (partitioned parameters and adapter checkpoints
-# together): the launches are what these tests cost (about 25 s each on 2 CPU cores).
+# together): the launches are what these tests cost (about 25 s each on 2 CPU cores). LoRA under FSDP2 and ZeRO-3
+# runs with async_judging (under ZeRO-3 resumed too: the sampled batches saved per rank are judged again from the
+# cache), against DDP with async_judging.
 ENGINE_RUNS = [
-    ("fsdp2", "full", True),
-    ("zero2", "full", True),
-    ("zero3", "full", True),
-    ("fsdp2", "lora", False),
-    ("zero2", "lora", False),
-    ("zero3", "lora", True),
+    ("fsdp2", "full", True, False),
+    ("zero2", "full", True, False),
+    ("zero3", "full", True, False),
+    ("fsdp2", "lora", False, True),
+    ("zero2", "lora", False, False),
+    ("zero3", "lora", True, True),
 ]
 
 
-@pytest.mark.parametrize(("engine", "mode", "resume"), ENGINE_RUNS, ids=[f"{e}-{m}" for e, m, _ in ENGINE_RUNS])
+@pytest.mark.parametrize(
+    ("engine", "mode", "resume", "asynchronous"),
+    ENGINE_RUNS,
+    ids=[f"{e}-{m}{'-async' if a else ''}" for e, m, _, a in ENGINE_RUNS],
+)
 def test_engine_trains_checkpoints_and_resumes(
     engine: str,
     mode: str,
     resume: bool,
+    asynchronous: bool,
     tmp_path: Path,
-    ddp_parameters: Callable[[str, int], dict[str, torch.Tensor]],
+    ddp_parameters: Callable[..., dict[str, torch.Tensor]],
 ) -> None:
     """Two steps with a checkpoint after each, (where `resume`) resumed from the first: 0 repeated judge calls, the
-    same result."""
+    same result; the same parameters as DDP. With `async_judging`, step 1 samples both steps' prompts (the second
+    in the background), and a resumed job samples nothing: it judges the saved samples again (the cache answers)."""
+    extra = ["--async_judging"] if asynchronous else []
     if engine != "fsdp2":
         require_deepspeed()
     config = CONFIGS / CPU_CONFIGS[engine]
     with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=digest_score)) as server:
-        code, output, _ = launch(config, tmp_path, server.base_url, "--mode", mode, "--tag", "first")
+        code, output, _ = launch(config, tmp_path, server.base_url, "--mode", mode, "--tag", "first", *extra)
         check_finished(code, output, f"{engine} ({mode})")
         sent = server.num_chat_requests
         if resume:
             checkpoint = ["--resume_from_checkpoint", str(tmp_path / "trainer" / "checkpoint-1")]
             code, output, _ = launch(
-                config, tmp_path, server.base_url, "--mode", mode, "--tag", "resumed", *checkpoint
+                config, tmp_path, server.base_url, "--mode", mode, "--tag", "resumed", *checkpoint, *extra
             )
             check_finished(code, output, f"{engine} ({mode}), resumed")
         resent = server.num_chat_requests - sent
@@ -216,7 +227,8 @@ def test_engine_trains_checkpoints_and_resumes(
     check_checkpoint(first[0], len(trained))
     if resume:
         resumed = records(tmp_path, "resumed")
-        check_run(resumed, engine, mode, steps=MAX_STEPS - 1)  # the resumed job runs step 2 only
+        # the resumed job runs step 2 only (with async_judging on the samples saved in the checkpoint)
+        check_run(resumed, engine, mode, steps=MAX_STEPS - 1, generations=0 if asynchronous else None)
         check_checkpoint(resumed[0], len(trained))
         # The judge-call cache (OUT/trainer/judge_cache.sqlite) made the resumed step free; it trained the same way.
         assert sent > 0 and resent == 0, (sent, resent)
@@ -225,7 +237,7 @@ def test_engine_trains_checkpoints_and_resumes(
         assert difference <= 1e-6, f"resumed run ended {difference} away from the uninterrupted one ({name})"
 
     # The same samples, pairs and updates as under DDP (the engines only reorder float sums).
-    difference, name = max_difference(trained, ddp_parameters(mode, MAX_STEPS))
+    difference, name = max_difference(trained, ddp_parameters(mode, MAX_STEPS, asynchronous))
     assert difference <= 1e-5, f"{engine} ended {difference} away from DDP ({name})"
 
 

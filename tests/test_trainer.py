@@ -308,6 +308,33 @@ def test_vllm_backend_contract(model_path, tmp_path, judge_server):
     assert all(log["pairs/online"] > 0 for log in logs)
 
 
+def test_duplicate_prompts_are_each_judged_not_taken_for_a_num_iterations_repeat(model_path, tmp_path):
+    """Two identical prompts, one per micro-batch of one accumulation window, num_iterations=2: both micro-batches
+    are sampled and judged at step 1 (two prompts judged, each trained on its own pairs), step 2 repeats them and
+    judges nothing. A repeat is known by the step's position, not by the prompts' token ids."""
+    judged: list[tuple[int, int]] = []
+
+    def length_reward(prompts, completions, trainer_state, **kwargs):
+        judged.append((trainer_state.global_step, len(prompts)))
+        return [float(sum(map(ord, c)) % 97) for c in completions]  # distinct texts, distinct rewards
+
+    dataset = Dataset.from_list([{"context": CONTEXT, "question": QUESTION}] * 2)
+    trainer = LongContextDPOTrainer(
+        model=model_path,
+        args=_config(
+            tmp_path, max_steps=2, num_iterations=2, per_device_train_batch_size=1, gradient_accumulation_steps=2
+        ),
+        train_dataset=dataset,
+        reward_funcs=[length_reward],
+    )
+    trainer.train()
+    k = trainer.args.num_generations
+    assert judged == [(0, k), (0, k)]  # both micro-batches of step 1, nothing at step 2
+    assert trainer.pair_stats["prompts"] == 2
+    logs = [entry for entry in trainer.state.log_history if "pairs/online" in entry]
+    assert len(logs) == 2 and logs[0]["pairs/online"] == logs[1]["pairs/online"] == 2
+
+
 def test_new_pairs_every_num_iterations_steps(model_path, tmp_path, judge_server, monkeypatch):
     from trl_longreward.trainer.generation import PolicySampler
 

@@ -45,12 +45,17 @@ def test_vllm_judge_from_the_config_scores_every_row(tmp_path: Path) -> None:
 def test_colocated_vllm_samples_from_the_trained_weights(variant: str, tmp_path: Path) -> None:
     """Three online DPO steps with vLLM sampling the policy (colocate) on the CPU build: the weights reach vLLM through
     its in-place reload after every optimizer step, and after training vLLM's greedy continuation is the trained
-    policy's own greedy choice at every token (full fine-tuning, and LoRA with the adapters merged)."""
+    policy's own greedy choice at every token (full fine-tuning, and LoRA with the adapters merged and
+    `async_judging`: step t samples step t+1's prompts while step t's are judged)."""
     result = run_vllm_script("colocate_training.py", tmp_path, variant, str(tmp_path))
     assert result["is_peft"] == (variant == "lora")
     assert result["steps"] == 3 and result["rewards_per_step"] == [8, 8, 8]  # 2 prompts x k=4, every step
-    # One sync per optimizer step (before the first generation after it), plus the final one the script asks for.
-    assert result["syncs"] == ["reload"] * 4
+    # One sync per optimizer step before the first generation after it, plus the final one the script asks for.
+    # Serial: generations at steps 0, 1, 2. Async: step 0 samples steps 0 and 1, step 1 samples step 2, step 2 none.
+    if variant == "lora":
+        assert result["syncs"] == ["reload"] * 3 and result["staleness"] == [0, 1, 1], result
+    else:
+        assert result["syncs"] == ["reload"] * 4 and result["staleness"] == [0, 0, 0], result
     assert result["weights_moved"] > 0
     # vLLM now samples from the trained weights: each of its greedy tokens is the policy's argmax...
     assert result["after_agreement"] == 1.0, result

@@ -70,6 +70,9 @@ def parse_args() -> argparse.Namespace:
         "ranks' `generate` calls run different numbers of forwards.",
     )
     parser.add_argument(
+        "--async_judging", action="store_true", help="Judge the next step's samples in the background."
+    )
+    parser.add_argument(
         "--pairless_rank",
         type=int,
         default=-1,
@@ -254,6 +257,7 @@ def main() -> None:
         "judge_base_url": cli.judge_url,
         "judge_model": "scripted-judge",
         "judge_max_retries": 0,
+        "judge_timeout": 60,  # one call's worst wait fits in the short ddp_timeout the tests give
         "dimensions": ["helpfulness", "logicality"],
         "retriever": "bm25",
         "chunk_tokenizer": "regex",
@@ -272,6 +276,7 @@ def main() -> None:
         save_strategy="steps",
         save_steps=1,
         long_reward=long_reward,
+        async_judging=cli.async_judging,
         bf16=cli.bf16,
         model_init_kwargs={"attn_implementation": "sdpa", **({"dtype": torch.bfloat16} if cli.bf16 else {})},
     )

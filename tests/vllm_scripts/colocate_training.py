@@ -1,5 +1,6 @@
 """Online DPO with the policy sampled by in-process vLLM (`use_vllm=True, vllm_mode="colocate"`) on the CPU build,
-full fine-tuning or LoRA (run by tests/test_vllm_inprocess.py with the vLLM environment's Python).
+full fine-tuning, or LoRA with `async_judging` (run by tests/test_vllm_inprocess.py with the vLLM environment's
+Python).
 
 After training, vLLM's greedy continuation of a fixed prompt is checked against the trained policy itself: a
 transformers forward pass over prompt + continuation must pick every continuation token as its argmax (that is what
@@ -79,6 +80,7 @@ def main(variant: str, out_dir: str) -> dict:
                 vllm_max_model_length=1024,
                 learning_rate=5e-2 if variant == "full" else 2e-1,
                 temperature=1.0,
+                async_judging=variant == "lora",
             ),
             train_dataset=prompts_dataset(),
             callbacks=[judged],
@@ -114,6 +116,7 @@ def main(variant: str, out_dir: str) -> dict:
         "after_agreement": after_agreement,
         "stale_agreement": stale_agreement,
         "is_peft": hasattr(policy, "peft_config"),
+        "staleness": [e["pairs/staleness"] for e in trainer.state.log_history if "pairs/staleness" in e],
         "dtype": str(next(policy.parameters()).dtype),
         "torch": torch.__version__,
     }

@@ -31,6 +31,44 @@ from .cache import CONTEXT_LIMITS
 from .endpoints import Dispatch, Endpoint, EndpointPool, current_affinity, parse_base_urls, redact_url
 from .loops import JudgeLoop
 
+#: The longest exponential backoff before a retry: the `openai` client's cap (its `MAX_RETRY_DELAY`), and the
+#: judge's own after a malformed body (`OpenAIJudge._attempt`).
+BACKOFF_CAP_S = 8.0
+_LEGACY_RETRY_AFTER_CAP_S = 60.0  # the largest `Retry-After` an `openai` client before 3.x honoured
+
+
+def retry_wait_cap_s() -> float:
+    """The longest wait before one retry of a judge request: the largest `Retry-After` the installed `openai` client
+    honours (its `MAX_RETRY_AFTER_DELAY`: 120 s in openai 3.x; 60 s in earlier versions, which have no such
+    constant), and at least the exponential backoff's cap, `BACKOFF_CAP_S`."""
+    try:
+        from openai._constants import MAX_RETRY_AFTER_DELAY
+    except ImportError:
+        return max(_LEGACY_RETRY_AFTER_CAP_S, BACKOFF_CAP_S)
+    return max(float(MAX_RETRY_AFTER_DELAY), BACKOFF_CAP_S)
+
+
+def worst_case_call_s(
+    timeout: float, max_retries: int, endpoints: int = 1, *, retry_wait_s: float | None = None
+) -> float:
+    """Seconds one `OpenAIJudge` call can take at most when its endpoints stop answering:
+
+        endpoints x ((1 + max_retries) x timeout + max_retries x retry_wait_s)
+
+    A call tries each endpoint at most once; on each it sends at most `1 + max_retries` requests (the client's
+    transport retries and the judge's retries of malformed bodies share that budget), each given up after `timeout`
+    seconds, and waits at most `retry_wait_s` (default `retry_wait_cap_s()`) before each retry. Waiting for a free
+    slot under `max_concurrency` comes on top (see `trl_longreward.reward.scale_limits`).
+    """
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}.")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
+    if endpoints < 1:
+        raise ValueError(f"endpoints must be >= 1, got {endpoints}.")
+    wait = retry_wait_cap_s() if retry_wait_s is None else retry_wait_s
+    return endpoints * ((1 + max_retries) * timeout + max_retries * wait)
+
 
 @dataclass
 class _Attempt:
@@ -321,7 +359,7 @@ class OpenAIJudge(Judge):
                     # A 200 whose body is not JSON (a broken proxy): the client does not retry it, so we do.
                     tally.failed()
                     if used < retries:
-                        await asyncio.sleep(min(0.5 * 2**used, 8.0))
+                        await asyncio.sleep(min(0.5 * 2**used, BACKOFF_CAP_S))
                         used += 1
                         continue
                     return _Attempt(
@@ -510,10 +548,17 @@ class OpenAIJudge(Judge):
             self.stats.add(requests=1, failures=1)
             return err
 
+    def worst_case_call_s(self) -> float:
+        """Seconds one call of this judge can take at most when its endpoints stop answering (`worst_case_call_s`
+        with this judge's timeout, retries and endpoints), not counting the wait for a free slot."""
+        return worst_case_call_s(self.timeout, self.max_retries, len(self._pool.endpoints))
+
     def _stall_timeout(self) -> float:
         """How long a call may wait while no call of this judge finishes: every endpoint tried once, each with
-        `1 + max_retries` requests of up to `timeout` seconds and up to 60 s of backoff (a `Retry-After`) before each."""
-        return len(self._pool.endpoints) * (1 + self.max_retries) * (self.timeout + 60.0) + 10.0
+        `1 + max_retries` requests of up to `timeout` seconds and up to 60 s of backoff (a `Retry-After`) before each,
+        and never less than `worst_case_call_s()` (the installed client may honour a longer `Retry-After`)."""
+        legacy = len(self._pool.endpoints) * (1 + self.max_retries) * (self.timeout + 60.0)
+        return max(legacy, self.worst_case_call_s()) + 10.0
 
     def describe(self) -> dict[str, str]:
         urls = ",".join(redact_url(url) for url in self.base_urls)

@@ -36,8 +36,15 @@ class LongRewardConfig:
             Name of the environment variable holding the API key (sent to every replica). The key itself is never a
             config value, so it can never be written to a saved config, checkpoint or model card.
         judge_max_concurrency (`int`, *optional*, defaults to `32`):
-            Judge calls in flight at once per endpoint (per process): n replicas take up to n times this many. For the
-            in-process transformers judge: the most requests in one `generate` call.
+            HTTP judge: the budget of judge calls in flight at once per judge server (each `judge_base_url` replica),
+            across all ranks of a training job: `LongContextDPOTrainer` gives each of its N ranks a share
+            (`for_rank`, `scale_limits.per_rank_concurrency`: the budget split evenly, at least 1 per rank), so a
+            server sees at most this many calls of the job (N when the budget is smaller than N), and n replicas up
+            to n times this many in all. A single process (the `score`, `build-pairs` and `evaluate` commands, each
+            shard of a sharded run) uses it whole. A `LongRewardFunction` you build on every rank for another
+            trainer uses it whole per process: build it from `config.for_rank(world_size, rank)` to share it. For
+            the in-process transformers judge: the most requests in one `generate` call, per process (each rank runs
+            its own model).
         judge_endpoint_cooldown (`float`, *optional*, defaults to `30.0`):
             Seconds a failed judge replica stays out of rotation before one call probes it again.
         judge_timeout (`float`, *optional*, defaults to `300.0`):
@@ -180,7 +187,9 @@ class LongRewardConfig:
     judge_max_concurrency: int = field(
         default=32,
         metadata={
-            "help": "Judge calls in flight at once per judge endpoint (per process); in-process transformers: batch size."
+            "help": "Budget of judge calls in flight at once per judge server (each judge_base_url replica), shared by "
+            "all ranks of a training job (each rank gets its share, at least 1); in-process transformers: batch size "
+            "per process."
         },
     )
     judge_endpoint_cooldown: float = field(
@@ -423,6 +432,30 @@ class LongRewardConfig:
             raise ValueError(f"retriever={self.retriever!r}: use embedding, openai or bm25.")
         if self.retriever == "openai" and not (self.embedding_base_url and self.embedding_model):
             raise ValueError("retriever='openai' needs embedding_base_url and embedding_model.")
+
+    def for_rank(self, world_size: int, rank: int) -> LongRewardConfig:
+        """This config as rank `rank` of a `world_size`-rank job uses it: with the HTTP judge, `judge_max_concurrency`
+        becomes the rank's share of the per-server budget (`scale_limits.per_rank_concurrency`); an in-process judge
+        (one model per rank) keeps it whole. Returns `self` when nothing changes, else a new config."""
+        from .scale_limits import per_rank_concurrency
+
+        if self.judge_backend != "openai":
+            return self
+        share = per_rank_concurrency(self.judge_max_concurrency, world_size, rank)
+        if share == self.judge_max_concurrency:
+            return self
+        import dataclasses
+
+        return dataclasses.replace(self, judge_max_concurrency=share)
+
+    def judge_call_worst_case_s(self) -> float | None:
+        """Seconds one HTTP judge call can take at most when the judge stops answering (`judge_timeout`,
+        `judge_max_retries` and the `judge_base_url` replicas, see `scale_limits`); None for an in-process judge."""
+        if self.judge_backend != "openai":
+            return None
+        from .scale_limits import judge_call_worst_case_s
+
+        return judge_call_worst_case_s(self.judge_timeout, self.judge_max_retries, max(len(self.judge_base_urls), 1))
 
     @property
     def judge_base_urls(self) -> list[str]:

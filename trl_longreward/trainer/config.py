@@ -3,12 +3,18 @@ TRL's `GRPOConfig` where GRPO has the same option."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trl import DPOConfig
 
 from ..pairs import check_sampling_options
+
+#: The share of `ddp_timeout` one HTTP judge call's worst-case wait may take in a distributed job; the rest is left
+#: for generation and the training step (`LongContextDPOConfig.check_judge_wait_fits`).
+JUDGE_WAIT_SHARE = 0.8
 
 
 @dataclass
@@ -34,6 +40,10 @@ class LongContextDPOConfig(DPOConfig):
         activation_checkpointing (`bool`, *optional*, defaults to `True`):
             TRL's default (set through transformers' current name; `gradient_checkpointing`, its deprecated alias,
             is honoured when given).
+        ddp_timeout (`int`, *optional*, defaults to `3600`):
+            Seconds a collective waits for the other ranks before the NCCL/gloo watchdog kills the job (transformers:
+            1800). A rank judging its samples keeps the others waiting: the default leaves room for the default
+            HTTP judge's worst-case wait for one call (2400 s with openai 3.x, see `check_judge_wait_fits`).
 
         > Parameters that control the generation (as in GRPOConfig)
 
@@ -97,7 +107,9 @@ class LongContextDPOConfig(DPOConfig):
         long_reward (`dict`, `str` or `None`, *optional*, defaults to `None`):
             `LongRewardConfig` fields of the default reward, used when `reward_funcs` is not passed to the trainer
             (e.g. `{"judge_base_url": "http://127.0.0.1:8000/v1", "judge_model": "judge"}`); on the command line a
-            JSON object string, parsed as TRL parses its dict-valued fields.
+            JSON object string, parsed as TRL parses its dict-valued fields. Its `judge_max_concurrency` is the
+            budget per judge server shared by all ranks. In a distributed job, the HTTP judge's worst-case wait for
+            one call must fit in `ddp_timeout` (`check_judge_wait_fits`), else the config is refused.
         reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
             Weights of several reward functions; `None`: equal.
         judge_cache_path (`str` or `None`, *optional*, defaults to `None`):
@@ -124,9 +136,11 @@ class LongContextDPOConfig(DPOConfig):
         > Parameters that control reliability
 
         max_judge_outage_steps (`int`, *optional*, defaults to `3`):
-            When every sample of a step is unscored because the judge failed (errors, not malformed answers) for this
-            many consecutive steps on all ranks, the trainer saves a checkpoint and raises `JudgeUnavailableError`
-            naming the endpoint and the resume command. 0: never stop.
+            When no prompt of any rank forms an online pair for this many consecutive optimizer steps, whatever the
+            cause (the judge failed every call; samples unscored, e.g. by `max_missing_dimensions`; every prompt
+            tied), the trainer saves a checkpoint of the last completed step and raises `JudgeUnavailableError`
+            naming the cause, the endpoint and the resume command. A `num_iterations` repeat of a step without
+            pairs counts too. 0: never stop.
 
         > Parameters that control the DPO forward
 
@@ -136,7 +150,9 @@ class LongContextDPOConfig(DPOConfig):
             is processed once per model, not twice. Same log-probs, loss and gradients. Needs an attention
             implementation that takes a custom mask (sdpa, eager, flex_attention); with flash-attention, MoE
             auxiliary loss, vision inputs or prompt-learning PEFT the step falls back to TRL's two rows (with a
-            warning).
+            warning). The packed rows are padded to a multiple of `pad_to_multiple_of` (TRL's option, resolved as
+            TRL resolves it: `"auto"` pads to 128 on Neuron and not at all elsewhere, CUDA included); set it, e.g.
+            to 64, to pad them on GPUs.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward"]
@@ -146,6 +162,13 @@ class LongContextDPOConfig(DPOConfig):
         metadata={"help": "Deprecated alias of activation_checkpointing (on by default, as in TRL)."},
     )
 
+    ddp_timeout: int = field(
+        default=3600,
+        metadata={
+            "help": "Seconds a collective waits for the other ranks (transformers: 1800); must leave room for the "
+            "HTTP judge's worst-case wait in a distributed job."
+        },
+    )
     beta: float = field(default=0.15, metadata={"help": "DPO beta (paper: 0.15)."})
     learning_rate: float = field(default=1e-6, metadata={"help": "Learning rate (paper: 1e-6)."})
     loss_type: list[str] = field(
@@ -250,8 +273,8 @@ class LongContextDPOConfig(DPOConfig):
     max_judge_outage_steps: int = field(
         default=3,
         metadata={
-            "help": "Stop (saving a checkpoint) when every judge call failed for this many consecutive steps; "
-            "0: never stop."
+            "help": "Stop (saving a checkpoint) when no prompt forms a pair (the judge failed, samples unscored or "
+            "tied) for this many consecutive optimizer steps; 0: never stop."
         },
     )
     shared_prefill: bool = field(
@@ -268,6 +291,77 @@ class LongContextDPOConfig(DPOConfig):
             "(sdpa/eager/flex attention), equal to TRL's two-row DPO; False = TRL's two rows."
         },
     )
+
+    def check_judge_wait_fits(self, world_size: int, judges: Iterable[Any] = ()) -> None:
+        """Raise `ValueError` when one HTTP judge call can outlast the job's collective timeout.
+
+        In a job of `world_size` > 1 processes, a rank whose judge stops answering waits up to
+
+            W = n x ((1 + judge_max_retries) x judge_timeout + judge_max_retries x B)
+
+        seconds for one call (n: the `judge_base_url` replicas, each tried once; B: the longest wait before a retry,
+        120 s with openai 3.x, which honours a server's `Retry-After` up to that; see
+        `trl_longreward.reward.scale_limits`), while the other ranks wait for it at their next collective. When that
+        exceeds `ddp_timeout`, the NCCL/gloo watchdog kills the whole job: no checkpoint, and no judge-outage error
+        (`max_judge_outage_steps` needs the step to end). W must fit in `JUDGE_WAIT_SHARE` (80%) of `ddp_timeout`;
+        the rest is left for generation and the training step. With one process nothing waits on a collective, so
+        nothing is checked.
+
+        The bound covers one call in flight when the judge stops answering: the samples and the four dimensions are
+        judged concurrently, and a pipeline stops at its first failed call, so a judge outage costs about one W. It
+        does not cover calls queued behind `judge_max_concurrency` (a step with more calls than the rank's share of
+        the slots fails them in waves, each up to W) nor a judge that answers just before each timeout (then the
+        sequential calls of a sample add up: faithfulness 2, completeness up to 5, each re-sampled up to
+        `max_attempts` times); size `ddp_timeout` for those yourself.
+
+        Called at construction with `self.world_size` (the process group is up by then under `accelerate launch` or
+        `torchrun`). The trainer may call it again with its accelerator's `num_processes`, and with the judges of the
+        `reward_funcs` it was given (any object with a `worst_case_call_s()` method, e.g. an `OpenAIJudge`:
+        `reward.judge` of a `LongRewardFunction`): `long_reward` only describes the default reward.
+        """
+        if world_size <= 1:
+            return
+        from ..reward.config import LongRewardConfig
+        from ..reward.scale_limits import largest_timeout_that_fits, retry_wait_cap_s
+
+        budget = JUDGE_WAIT_SHARE * self.ddp_timeout
+        # (where, W, timeout, retries, endpoints, the option names of timeout and retries there)
+        found: list[tuple[str, float, float, int, int, tuple[str, str]]] = []
+        if self.long_reward is not None:
+            config = LongRewardConfig(**self.long_reward)
+            worst = config.judge_call_worst_case_s()
+            if worst is not None:
+                endpoints = max(len(config.judge_base_urls), 1)
+                names = ("judge_timeout", "judge_max_retries")
+                found.append(("long_reward", worst, config.judge_timeout, config.judge_max_retries, endpoints, names))
+        for judge in judges:
+            worst_case = getattr(judge, "worst_case_call_s", None)
+            if callable(worst_case):
+                endpoints = len(getattr(judge, "base_urls", None) or [None])
+                where = f"the judge {getattr(judge, 'model_id', type(judge).__name__)!r}"
+                found.append(
+                    (where, worst_case(), judge.timeout, judge.max_retries, endpoints, ("timeout", "max_retries"))
+                )
+        for where, worst, timeout, retries, endpoints, (timeout_name, retries_name) in found:
+            if worst <= budget:
+                continue
+            need = math.ceil(worst / JUDGE_WAIT_SHARE)
+            replicas = f" on each of {endpoints} replicas" if endpoints > 1 else ""
+            fits = largest_timeout_that_fits(budget, retries, endpoints)
+            if fits is not None:
+                lower = f"lower {timeout_name} to {fits:g} s or less (with {retries_name}={retries}) or {retries_name}"
+            elif retries:
+                lower = f"lower {retries_name} below {retries} and {timeout_name}"
+            else:
+                lower = f"lower {timeout_name}"
+            waits = f", and up to {retry_wait_cap_s():.0f} s before each retry" if retries else ""
+            raise ValueError(
+                f"{where}: one judge call can keep a rank waiting up to {worst:.0f} s ({timeout_name}={timeout:g} s x "
+                f"(1 + {retries_name}={retries}) requests{replicas}{waits}), more than {JUDGE_WAIT_SHARE:.0%} of "
+                f"ddp_timeout={self.ddp_timeout} s. With {world_size} processes the other ranks' collectives would "
+                "give up first: the NCCL/gloo watchdog would kill the job with no checkpoint and no judge-outage "
+                f"error. Raise ddp_timeout to at least {need} s, or {lower}."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         """A pickled config never holds the Hub token: transformers saves the config as `training_args.bin` beside
@@ -294,6 +388,8 @@ class LongContextDPOConfig(DPOConfig):
                 raise ValueError(f"long_reward: {err} (the keys are LongRewardConfig fields).") from err
             except ValueError as err:
                 raise ValueError(f"long_reward: {err}") from err
+        # The process group is set up by now (TrainingArguments.__post_init__ asks for the device).
+        self.check_judge_wait_fits(self.world_size)
         self.min_scored_samples = check_sampling_options(
             num_generations=self.num_generations,
             min_scored_samples=self.min_scored_samples,

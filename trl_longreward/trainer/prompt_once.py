@@ -264,8 +264,9 @@ def pack_pairs(
 ) -> PackedPairs | None:
     """Pack a `DataCollatorForPreference` batch (chosen rows first, right-padded) into one row per pair.
 
-    `pad_to_multiple_of` pads the packed rows (e.g. 64 on GPUs, where masked attention kernels run much faster on
-    aligned lengths).
+    `pad_to_multiple_of` pads the packed rows to a multiple of it. The trainer passes `args.pad_to_multiple_of` (1 when
+    it is None), which TRL resolves: `"auto"` is 128 on Neuron and None elsewhere, CUDA included. Set it yourself
+    (e.g. 64) to pad on GPUs, where masked attention kernels may run faster on aligned lengths.
 
     Returns None when the batch does not have that structure (a pair whose rows do not share the exact same prompt,
     an empty prompt, or left padding): the caller then runs TRL's two-row forward.

@@ -221,14 +221,21 @@ class LongContextDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
         self.processing_tokenizer = self._tokenizer
-        self.preference_collator = data_collator or DataCollatorForPreference(
-            pad_token_id=self.processing_tokenizer.pad_token_id, max_length=args.max_length
+        self.preference_collator = data_collator or DataCollatorForPreference(  # as TRL's DPOTrainer makes it
+            pad_token_id=self.processing_tokenizer.pad_token_id,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
         )
         self._owns_reward = reward_funcs is None  # the default reward is built here, and closed after training
         self.reward_funcs = self._build_reward_funcs(reward_funcs)
         self.reward_func_names = [get_callable_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         check_reward_weights(self.reward_funcs, weights)  # at construction, not at the first step
+        # a judge call that can outlast ddp_timeout would let the watchdog kill the job without a checkpoint
+        args.check_judge_wait_fits(
+            self.accelerator.num_processes, judges=[getattr(f, "judge", None) for f in self.reward_funcs]
+        )
         self.reward_weights = [float(w) for w in weights]
         prepared_offline = None
         if offline_dataset is not None:
@@ -280,7 +287,11 @@ class LongContextDPOTrainer(DPOTrainer):
             fields.setdefault(
                 "cache_path", self.args.judge_cache_path or os.path.join(self.args.output_dir, "judge_cache.sqlite")
             )
-            return [LongRewardFunction(LongRewardConfig(**fields))]
+            # judge_max_concurrency is the budget of the job: this rank's share of it
+            config = LongRewardConfig(**fields).for_rank(
+                self.accelerator.num_processes, self.accelerator.process_index
+            )
+            return [LongRewardFunction(config)]
         funcs = list(reward_funcs) if isinstance(reward_funcs, Sequence) else [reward_funcs]
         for func in funcs:
             if not callable(func):
