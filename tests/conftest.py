@@ -46,3 +46,30 @@ def make_reward(server):
     yield factory
     for reward in built:
         reward.close()
+
+
+# Test files that take minutes, longest first. `.ci/test` runs files on two xdist workers, one file per worker at a
+# time, in collection order (`--no-loadscope-reorder`): starting the long files first keeps both workers busy to the
+# end, instead of one long file running alone at the tail while the other worker idles. The order within a file
+# and of all other files is kept (a stable sort).
+LONG_FILES_FIRST = (
+    "test_engines.py",
+    "test_epoch_coverage.py",
+    "test_recipe.py",
+    "test_ddp_uneven.py",
+    "test_async_judging.py",
+    "test_reliability.py",
+    "test_transformers_serve.py",
+    "test_prompt_once_matrix.py",
+    "test_trainer.py",
+    "test_distributed.py",
+    "test_reward_inprocess.py",
+    "test_judge_counts_over_ranks.py",
+    "test_callback.py",
+    "test_local_judges.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

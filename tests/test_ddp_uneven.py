@@ -188,24 +188,26 @@ def test_one_process_step_without_pairs_keeps_weights_and_adamw_state(tmp_path: 
 
 # ----- several ranks against one process -----
 
-# {(ranks, gradient accumulation steps, losses): (ties per step, expected pairs per micro-step and rank)}. With batch
+# {(ranks, gradient accumulation steps, losses): (ties per step, expected pairs per micro-step and rank)}; losses:
+# plain DPO, or the paper's sigmoid + 0.1 x "sft" (a mean over chosen tokens, weighted by tokens). With batch
 # size 2 on R ranks, micro-step m gives rank r the prompts 2 (R m + r) and 2 (R m + r) + 1. The reference is one
 # process without accumulation whose one micro-batch per step holds the prompts of the whole window.
 PLANS: dict[tuple[int, int, str], tuple[dict[int, Any], list[list[int]]]] = {
     # step 0: rank 1 has no pair; step 1: 1 pair on rank 0, 2 on rank 1; step 2: no pair anywhere
     (2, 1, "sigmoid"): ({0: [2, 3], 1: [1], 2: "all"}, [[2, 0], [1, 2], [0, 0]]),
     # step 0: (2, 0) then (1, 2) pairs; step 1: a micro-step without any pair, then (1, 0); step 2: no pair anywhere
-    (2, 2, "sigmoid"): (
+    (2, 2, "sigmoid,sft"): (
         {0: [2, 3, 4], 1: [0, 1, 2, 3, 5, 6, 7], 2: "all"},
         [[2, 0], [1, 2], [0, 0], [1, 0], [0, 0], [0, 0]],
     ),
-    # three ranks, sigmoid + the "sft" term (weighted by chosen tokens): step 0: (2, 0, 1) then (0, 1, 2) pairs;
+    # three ranks: step 0: (2, 0, 1) then (0, 1, 2) pairs;
     # step 1: a micro-step without any pair, then (2, 1, 1); step 2: no pair anywhere
     (3, 2, "sigmoid,sft"): (
         {0: [2, 3, 4, 6, 7, 8], 1: [0, 1, 2, 3, 4, 5, 9, 10], 2: "all"},
         [[2, 0, 1], [0, 1, 2], [0, 0, 0], [2, 1, 1], [0, 0, 0], [0, 0, 0]],
     ),
 }
+LOSS_WEIGHTS = {"sigmoid": "1.0", "sigmoid,sft": "1.0,0.1"}
 MAX_STEPS = 3
 BATCH_SIZE = 2
 
@@ -234,6 +236,7 @@ def test_uneven_ranks_and_micro_steps_take_the_one_process_step_on_the_union(
         "--per_device_train_batch_size": BATCH_SIZE,
         "--gradient_accumulation_steps": accumulation,
         "--loss_type": losses,
+        "--loss_weights": LOSS_WEIGHTS[losses],
     }
     code, output, _seconds = run_torchrun([*flags(launcher), str(SCRIPT), *flags(options)], TIMEOUT_S)
     log = f"torchrun output (last 8000 chars):\n{output[-8000:]}"
@@ -251,6 +254,7 @@ def test_uneven_ranks_and_micro_steps_take_the_one_process_step_on_the_union(
         per_device_train_batch_size=num_prompts,
         gradient_accumulation_steps=1,
         loss_type=losses.split(","),
+        loss_weights=[float(w) for w in LOSS_WEIGHTS[losses].split(",")],
     )
 
     # The ranks drew the planned prompts and had the planned (uneven) pairs.

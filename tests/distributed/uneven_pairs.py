@@ -222,7 +222,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max_steps", type=int, default=3)
     parser.add_argument("--per_device_train_batch_size", type=int, default=2)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--loss_type", default="sigmoid", help="TRL's loss_type, comma-separated (e.g. sigmoid,sft).")
+    parser.add_argument("--loss_type", default="sigmoid,sft", help="TRL's loss_type, comma-separated.")
+    parser.add_argument("--loss_weights", default="1.0,0.1", help="TRL's loss_weights, comma-separated.")
     return parser.parse_args()
 
 
@@ -236,6 +237,7 @@ def main() -> None:
         per_device_train_batch_size=cli.per_device_train_batch_size,
         gradient_accumulation_steps=cli.gradient_accumulation_steps,
         loss_type=cli.loss_type.split(","),
+        loss_weights=[float(w) for w in cli.loss_weights.split(",")],
     )
 
 
