@@ -147,7 +147,8 @@ class BuildPairsArguments:
         default=0, metadata={"help": "This machine's shard, 0 <= shard_index < num_shards (see merge-shards)."}
     )
     num_shards: int = field(
-        default=1, metadata={"help": "Machines sharing the input: shard I builds the prompt groups g with g % N == I."}
+        default=1,
+        metadata={"help": "Machines sharing the input: shard I builds the prompt groups g with g %% N == I."},
     )
     use_vllm: bool = field(
         default=False, metadata={"help": "Sample with an in-process vllm.LLM instead of transformers' generate."}

@@ -108,7 +108,7 @@ class EvaluateArguments:
     )
     num_shards: int = field(
         default=1,
-        metadata={"help": "Machines sharing the input: shard I answers the prompt groups g with g % N == I."},
+        metadata={"help": "Machines sharing the input: shard I answers the prompt groups g with g %% N == I."},
     )
     use_vllm: bool = field(
         default=False, metadata={"help": "Answer with an in-process vllm.LLM instead of transformers' generate."}
