@@ -407,6 +407,7 @@ def main(script_args: LongRewardScriptArguments, training_args: LongContextDPOCo
 
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     trainer, recorder = build_trainer(script_args, training_args, model_args)
+    trainer.card_dataset_name = script_args.dataset_name or script_args.offline_dataset_name
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit, urlunsplit
 from ..pairs import SKIP_REASONS
 from .rewards import describe_reward
 
-CARD_TAGS = ("trl", "dpo", "long-reward", "trl-longreward")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HUB_CACHE_FOLDER = re.compile(r"^(models|datasets)--(.+)$")  # huggingface_hub's cache: models--org--name
 

@@ -63,7 +63,7 @@ from .ddp import (
     union_loss_weights,
 )
 from .generation import PolicySampler
-from .model_card import long_reward_card_section
+from .model_card import long_reward_card_section, public_name
 from .offline import OfflinePairs, check_offline_columns
 from .outage import JudgeUnavailableError, no_pairs_message
 from .pair_buffer import PairBuffer
@@ -194,6 +194,8 @@ class LongContextDPOTrainer(DPOTrainer):
             from ..models import check_model_source
 
             check_model_source(model, option="model")
+        self._model_source = os.fspath(model) if isinstance(model, str | os.PathLike) else None
+        self.card_dataset_name: str | None = None  # the training data's name on the model card, when known
         if train_dataset is None:
             raise ValueError("train_dataset is required: prompts with context and question columns.")
         if args.offline_ratio > 0 and offline_dataset is None:
@@ -738,14 +740,69 @@ class LongContextDPOTrainer(DPOTrainer):
             (target / "README.md").write_text(card.read_text(encoding="utf-8"), encoding="utf-8")
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card, plus what makes this model a LongReward model: method, judge, dimensions, pair statistics."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        """TRL's card, plus what makes this model a LongReward model: method, judge, dimensions, pair statistics.
+
+        Unlike TRL's, the card names the base model also when it was loaded from a local folder (by the folder's
+        name, unlinked), and its quick start loads the Hub repo or, without one, the saved model's folder.
+        `dataset_name` (default: `card_dataset_name`) is linked when it is a Hub id; no local path is written."""
         if not self.is_world_process_zero():
             return
-        path = os.path.join(self.args.output_dir, "README.md")
-        if os.path.exists(path):
-            with open(path, "a", encoding="utf-8") as handle:
-                handle.write(long_reward_card_section(self.args, self.reward_funcs, self.pair_stats))
+        from transformers import is_wandb_available
+        from trl.trainer.utils import generate_model_card, get_comet_experiment_url, get_trackio_space_url
+
+        base_model, base_on_hub = self.card_base_model()
+        model_name = model_name or Path(self.args.output_dir).name
+        dataset, dataset_on_hub = public_name(dataset_name or self.card_dataset_name)
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        tags.update(self._tag_names)
+        if hasattr(getattr(self.model, "config", None), "unsloth_version"):
+            tags.add("unsloth")
+        if "JOB_ID" in os.environ:
+            tags.add("hf_jobs")
+        trackio_url = get_trackio_space_url()
+        if trackio_url is not None:
+            tags = {t for t in tags if not t.startswith("trackio:")} | {f"trackio:{trackio_url}"}
+        wandb_url = None
+        if is_wandb_available():
+            import wandb
+
+            wandb_url = wandb.run.url if wandb.run is not None else None
+        card = generate_model_card(
+            base_model=base_model,
+            model_name=model_name,
+            hub_model_id=getattr(self, "hub_model_id", None) or model_name,
+            dataset_name=dataset if dataset_on_hub else None,
+            tags=sorted(tags),
+            wandb_url=wandb_url,
+            trackio_url=trackio_url,
+            comet_url=get_comet_experiment_url(),
+            trainer_name=self._name,
+            trainer_citation=self._paper.get("citation"),
+            template_file=self._template_file,
+            paper_title=self._paper.get("title"),
+            paper_id=self._paper.get("id"),
+        )
+        if base_model is None:  # nothing known: no link to a missing repo
+            card.text = card.text.replace("a fine-tuned version of [None](https://huggingface.co/None)", "fine-tuned")
+        elif not base_on_hub:  # a local folder: named, neither linked nor in the metadata (the Hub checks it)
+            card.data.base_model = None
+            card.text = card.text.replace(f"[{base_model}](https://huggingface.co/{base_model})", f"`{base_model}`")
+        card.text += long_reward_card_section(
+            self.args, self.reward_funcs, self.pair_stats, dataset_name=None if dataset_on_hub else dataset
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def card_base_model(self) -> tuple[str | None, bool]:
+        """The base model as the card names it (`model_card.public_name`), and whether it is a Hub id: the `model`
+        string the trainer was given, else the model's `config._name_or_path`, else its `name_or_path`."""
+        model = self.model
+        candidates = [self._model_source, getattr(getattr(model, "config", None), "_name_or_path", None)]
+        candidates.append(getattr(model, "name_or_path", None))
+        for candidate in candidates:
+            name, on_hub = public_name(candidate)
+            if name:
+                return name, on_hub
+        return None, False
 
     # ----- logging -----
 
