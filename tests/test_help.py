@@ -6,7 +6,6 @@ The subcommands come from the package's command table, so a new command is cover
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,6 @@ import pytest
 
 from trl_longreward.commands import COMMANDS, main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = REPO_ROOT / "recipes" / "dpo_longreward.py"
 # Options each command's help must name; a command missing here is still checked for exit 0 and its usage line.
 KEY_OPTIONS = {
     "score": ("--input", "--output", "--judge_base_url", "--judge_model"),
@@ -62,20 +59,9 @@ def test_percent_in_help_text_is_shown_literally(capsys, command):
     assert "g % N == I" in out and "%%" not in out
 
 
-def test_recipe_help_exits_0_and_names_its_options(capsys):
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import dpo_longreward
-
-        with pytest.raises(SystemExit) as exit_:
-            dpo_longreward.parse_arguments(["--help"])
-    finally:
-        sys.path.remove(str(RECIPE.parent))
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = saved
+def test_recipe_help_exits_0_and_names_its_options(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recipe.parse_arguments(["--help"])
     out, err = capsys.readouterr()
     assert exit_.value.code in (0, None), err
     for option in ("--model_name_or_path", "--dataset_name", "--long_reward", "--output_dir"):
@@ -84,8 +70,8 @@ def test_recipe_help_exits_0_and_names_its_options(capsys):
 
 def test_installed_console_script_help():
     script = Path(sys.executable).with_name("trl-longreward")
-    if not script.exists():
-        pytest.skip(f"no console script next to {sys.executable}; install the package (pip install -e .)")
+    # `.ci/install` installs the package: a missing entry point is a broken install, not a reason to skip
+    assert script.exists(), f"no console script next to {sys.executable}; install the package (pip install -e .)"
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: trl-longreward COMMAND")

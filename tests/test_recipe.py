@@ -35,23 +35,6 @@ SMALL_RUN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def recipe():
-    """The recipe script as a module (importing it runs nothing; it sets OMP_WAIT_POLICY, restored afterwards)."""
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    sys.path.insert(0, str(RECIPE.parent))
-    try:
-        import dpo_longreward
-
-        yield dpo_longreward
-    finally:
-        sys.path.remove(str(RECIPE.parent))
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
-        else:
-            os.environ["OMP_WAIT_POLICY"] = saved
-
-
 def _gpu_free_args() -> list[str]:
     import torch
 

@@ -330,6 +330,17 @@ def test_training_at_20_percent_faults_completes_and_uses_a_judge_that_comes_bac
 # ===================================================================================================================
 
 
+def scripted_long_reward(server: ScriptedOpenAIServer) -> dict[str, Any]:
+    """The default reward's `long_reward` settings against `server`: no client retries, BM25, regex chunks."""
+    return {
+        "judge_base_url": server.base_url,
+        "judge_model": "scripted-judge",
+        "judge_max_retries": 0,
+        "retriever": "bm25",
+        "chunk_tokenizer": "regex",
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_judge_outage_for_max_judge_outage_steps_checkpoints_stops_and_resumes(model_path: str, tmp_path: Path):
@@ -338,13 +349,7 @@ def test_judge_outage_for_max_judge_outage_steps_checkpoints_stops_and_resumes(m
     out = tmp_path / "out"
     cache_path = out / "judge_cache.sqlite"
     with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=length_helpfulness)) as server:
-        long_reward = {
-            "judge_base_url": server.base_url,
-            "judge_model": "scripted-judge",
-            "judge_max_retries": 0,
-            "retriever": "bm25",
-            "chunk_tokenizer": "regex",
-        }
+        long_reward = scripted_long_reward(server)
         committed: dict[str, str] = {}
 
         def go_down(step: int) -> None:  # step 1 is judged; from step 2 on every judge call fails
@@ -402,13 +407,7 @@ def test_outage_stop_counts_optimizer_steps_with_num_iterations_and_accumulation
     count is of optimizer steps, not micro-steps. Resumed with the judge back, step 5 is judged and trained."""
     out = tmp_path / "out"
     with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=length_helpfulness)) as server:
-        long_reward = {
-            "judge_base_url": server.base_url,
-            "judge_model": "scripted-judge",
-            "judge_max_retries": 0,
-            "retriever": "bm25",
-            "chunk_tokenizer": "regex",
-        }
+        long_reward = scripted_long_reward(server)
         settings = dict(
             long_reward=long_reward,
             max_judge_outage_steps=3,
