@@ -133,11 +133,6 @@ def merge_micro_step_metrics(micro_steps: Sequence[tuple[PairShares, dict[str, l
     return out
 
 
-def gather_pair_shares(accelerator: Any, num_pairs: int, chosen_tokens: int) -> PairShares:
-    """All ranks' counts of one micro-step that is its own window, by one all-gather of two integers."""
-    return gather_window_shares(accelerator, [(num_pairs, chosen_tokens)])[0]
-
-
 def gather_window_shares(accelerator: Any, counts: Sequence[tuple[int, ...]]) -> list[PairShares]:
     """Every micro-step's `PairShares` in an accumulation window, from this rank's (pairs, chosen tokens[, rejected
     tokens]) per micro-step, by one all-gather: every rank must call this once per window, with as many micro-steps."""

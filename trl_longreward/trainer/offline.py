@@ -51,7 +51,3 @@ class OfflinePairs:
                 )
         self.cursor += count
         return out
-
-    def draw(self, num_online: int, per_device_batch_size: int) -> list[dict[str, Any]]:
-        """One process's pairs for a window of one micro-step (`draw_window` on a single rank)."""
-        return self.draw_window(num_online, per_device_batch_size, world_size=1, rank=0, micro_steps=1)[0]

@@ -58,10 +58,6 @@ class PairBuffer:
         if self.num_iterations > 1:
             self.key, self.uses, self.entries = window_key(window), 1, list(entries)
 
-    def remaining(self) -> int:
-        """How many more times the buffered pairs will be trained on."""
-        return self.num_iterations - self.uses if self.key is not None else 0
-
     def state_dict(self) -> dict[str, Any]:
         """The buffered window as a JSON-able record: its prompts, the uses so far, and per micro-step (examples,
         selections, rewards, samples, policy step)."""
