@@ -9,27 +9,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from trl_longreward import LongRewardFunction, OpenAIJudge  # noqa: E402
 from trl_longreward.testing.openai_server import ScriptedOpenAIServer  # noqa: E402
 from trl_longreward.testing.scripted_judge import ScriptedLongRewardJudge  # noqa: E402
 
-RECIPE_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
 
 @pytest.fixture(scope="module")
 def recipe():
-    """The recipe script as a module (importing it runs nothing; it sets OMP_WAIT_POLICY, restored afterwards)."""
+    """The training command's module, `trl_longreward.commands.dpo` (what `recipes/dpo_longreward.py` runs; importing
+    it runs nothing; it may set OMP_WAIT_POLICY, restored afterwards)."""
     saved = os.environ.get("OMP_WAIT_POLICY")
-    sys.path.insert(0, str(RECIPE_DIR))
     try:
-        import dpo_longreward
+        from trl_longreward.commands import dpo
 
-        yield dpo_longreward
+        yield dpo
     finally:
-        sys.path.remove(str(RECIPE_DIR))
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
         else:

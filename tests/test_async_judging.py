@@ -130,7 +130,7 @@ def test_the_same_seed_gives_the_serial_trainers_pairs_sampled_one_step_earlier(
     assert [log["pairs/staleness"] for log in _logs(serial)] == (
         [0, 1, 0, 1] if "num_iterations" in options else [0] * 4
     )
-    for key in ("rewards/chosen_mean", "pairs/online", "long_reward/reward/mean", "loss"):
+    for key in ("long_reward/chosen_mean", "pairs/online", "long_reward/reward/mean", "loss"):
         assert [log.get(key) for log in _logs(overlapped)] == pytest.approx([log.get(key) for log in _logs(serial)])
 
 

@@ -182,8 +182,8 @@ def test_report_shows_curves_and_judged_pairs_with_reasons_and_escapes_everythin
         judgements, [7.5, 2.0, None, None], [_selection(0, 1), _selection(None, None, "too_few_scored")], 2, step=1
     )
     logs = [
-        {"step": 1, "loss": 0.7, "long_reward/reward/mean": 4.75, "rewards/chosen_mean": 7.5,
-         "rewards/rejected_mean": 2.0, "long_reward/helpfulness/mean": 5.0, "pairs/valid_pair_rate": 0.5},
+        {"step": 1, "loss": 0.7, "long_reward/reward/mean": 4.75, "long_reward/chosen_mean": 7.5,
+         "long_reward/rejected_mean": 2.0, "long_reward/helpfulness/mean": 5.0, "pairs/valid_pair_rate": 0.5},
         {"step": 2, "loss": 0.6, "long_reward/reward/mean": 5.0, "pairs/valid_pair_rate": 1.0},
         {"train_runtime": 3.0, "step": 2},
     ]  # fmt: skip

@@ -766,15 +766,13 @@ def test_a_response_that_plants_a_verdict_gets_only_the_judges_own_verdict() -> 
 def test_an_offline_preference_file_with_wrong_columns_names_them(tmp_path: Path) -> None:
     """The recipe's offline (short-context) preference file needs prompt/chosen/rejected; it says which are missing."""
     path = write_jsonl(tmp_path / "offline.jsonl", [{"prompt": "Short question?", "answer": "A."}])
-    sys.path.insert(0, str(RECIPE.parent))
     saved = os.environ.get("OMP_WAIT_POLICY")
     try:
-        import dpo_longreward
+        from trl_longreward.commands import dpo
 
         with pytest.raises(SystemExit) as stopped:
-            dpo_longreward.load_preferences(str(path), None, "train")
+            dpo.load_preferences(str(path), None, "train")
     finally:
-        sys.path.remove(str(RECIPE.parent))
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
         else:

@@ -67,7 +67,7 @@ def test_online_dpo_trains_every_parameter_and_logs_the_reward(model_path, tmp_p
     logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(logs) == 3
     for key in (
-        "pairs/valid_pair_rate", "rewards/chosen_mean", "rewards/rejected_mean", "rewards/gap_mean",
+        "pairs/valid_pair_rate", "long_reward/chosen_mean", "long_reward/rejected_mean", "long_reward/gap_mean",
         "long_reward/helpfulness/mean", "long_reward/logicality/mean", "long_reward/completeness/mean",
         "long_reward/reward/mean", "long_reward/judge_calls", "time/generation_s", "time/judging_s", "time/training_s",
     ):  # fmt: skip
@@ -194,7 +194,7 @@ def test_resume_reuses_every_judge_call_and_continues_the_same_way(model_path, t
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-1"))
     assert judge_server.num_chat_requests == sent  # step 2's samples were judged already: 0 new calls
     step2 = [log for log in resumed.state.log_history if "loss" in log][-1]
-    for key in ("rewards/chosen_mean", "rewards/rejected_mean", "pairs/online", "long_reward/reward/mean"):
+    for key in ("long_reward/chosen_mean", "long_reward/rejected_mean", "pairs/online", "long_reward/reward/mean"):
         assert step2[key] == pytest.approx(reference_logs[1][key]), key
     assert step2["long_reward/judge_calls"] == 0
     # the pair statistics (model card) continue from the checkpoint instead of restarting at 0

@@ -226,6 +226,7 @@ class LongRewardCallback(TrainerCallback):
                 _tokenizer(trainer),
                 max_prompt_length=self._budget(trainer, "max_prompt_length"),
                 what="LongRewardCallback's eval_dataset",
+                chat_template_kwargs=getattr(trainer.args, "chat_template_kwargs", None),
                 **config.document_columns(),
             )
             self._rows = [prepared[i] for i in range(len(prepared))]

@@ -157,20 +157,25 @@ def _replace_user_text(prompt: Any, text: str) -> Any:
     return [({**m, "content": text} if i == last_user else m) for i, m in enumerate(prompt)]
 
 
-def _template_overhead(tokenizer: Any) -> int:
+def _template_overhead(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None = None) -> int:
     if getattr(tokenizer, "chat_template", None) is None:
         return 0
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+    )
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return len(ids)
 
 
-def tokenize_prompt(tokenizer: Any, prompt: Any) -> list[int]:
-    """Token ids of the policy prompt: the chat template with a generation prompt when the tokenizer has one."""
+def tokenize_prompt(tokenizer: Any, prompt: Any, chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of the policy prompt: the chat template with a generation prompt when the tokenizer has one
+    (`chat_template_kwargs`, e.g. `{"enable_thinking": False}`, passed to it)."""
     if getattr(tokenizer, "chat_template", None) is not None:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, **(chat_template_kwargs or {})
+        )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     if not isinstance(prompt, str):
         raise ValueError("A conversational prompt needs a tokenizer with a chat template.")
@@ -186,6 +191,7 @@ def prepare_prompt_dataset(
     question_column: str = "question",
     separator: str = "\n\n",
     what: str = "train_dataset",
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Add `prompt` (what the reward sees: the FULL document), `policy_prompt` (what the policy sees, the document
     cut in the middle to fit), `prompt_ids` and `truncated` to a `datasets.Dataset`. No row is dropped."""
@@ -200,7 +206,7 @@ def prepare_prompt_dataset(
     )
     if len(dataset) == 0:
         raise ValueError(f"{what} is empty.")
-    overhead = _template_overhead(tokenizer) + _SLACK_TOKENS
+    overhead = _template_overhead(tokenizer, chat_template_kwargs) + _SLACK_TOKENS
 
     def process(row: dict[str, Any], index: int) -> dict[str, Any]:
         if has_columns:
@@ -250,7 +256,7 @@ def prepare_prompt_dataset(
         return {
             "prompt": prompt,
             "policy_prompt": policy_prompt,
-            "prompt_ids": tokenize_prompt(tokenizer, policy_prompt),
+            "prompt_ids": tokenize_prompt(tokenizer, policy_prompt, chat_template_kwargs),
             "truncated": cut,
         }
 

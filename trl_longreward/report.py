@@ -219,8 +219,8 @@ def _charts(logs: Sequence[dict[str, Any]]) -> str:
     dimensions = [d for d in DIMENSIONS if any(f"long_reward/{d}/mean" in e for e in logs)]
     reward_keys = [
         ("all samples (mean)", "long_reward/reward/mean"),
-        ("chosen (mean)", "rewards/chosen_mean"),
-        ("rejected (mean)", "rewards/rejected_mean"),
+        ("chosen (mean)", "long_reward/chosen_mean"),
+        ("rejected (mean)", "long_reward/rejected_mean"),
     ]
     pair_keys = [("valid-pair rate", "pairs/valid_pair_rate"), ("unscored-sample rate", "pairs/unscored_sample_rate")]
     specs = [
@@ -312,8 +312,8 @@ def _samples_section(records: Sequence[dict[str, Any]], logs: Sequence[dict[str,
         entry = metrics.get(step, {})
         facts = ", ".join(
             f"{label} {_fmt(entry.get(key))}"
-            for label, key in (("reward mean", "long_reward/reward/mean"), ("chosen", "rewards/chosen_mean"),
-                               ("rejected", "rewards/rejected_mean"), ("valid-pair rate", "pairs/valid_pair_rate"),
+            for label, key in (("reward mean", "long_reward/reward/mean"), ("chosen", "long_reward/chosen_mean"),
+                               ("rejected", "long_reward/rejected_mean"), ("valid-pair rate", "pairs/valid_pair_rate"),
                                ("loss", "loss"))
             if key in entry
         )  # fmt: skip

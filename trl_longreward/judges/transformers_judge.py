@@ -54,6 +54,8 @@ class TransformersJudge(BatchingJudge):
         seed: seeds sampling (temperature > 0) per batch, without touching the caller's global RNG stream.
         prefix_cache_size: how many shared-prefix KV caches to keep (0 turns prefix caching off; see the module doc).
         min_prefix_tokens: the shortest shared prefix worth caching.
+        chat_template_kwargs: keyword arguments of the chat template (e.g. `{"enable_thinking": False}`), part of
+            the cache identity.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class TransformersJudge(BatchingJudge):
         seed: int = 0,
         prefix_cache_size: int = 8,
         min_prefix_tokens: int = 64,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_wait_s=batch_wait_s)
         from transformers import AutoTokenizer
@@ -124,6 +127,7 @@ class TransformersJudge(BatchingJudge):
         params = inspect.signature(tokenizer.apply_chat_template).parameters
         sanitize = "sanitize_control_tokens" in params
         self._template_kwargs: dict[str, Any] = {"sanitize_control_tokens": True} if sanitize else {}
+        self._template_kwargs.update(chat_template_kwargs or {})  # e.g. {"enable_thinking": False}
 
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "device": str(self.model.device), "dtype": str(self.model.dtype)}

@@ -28,8 +28,16 @@ class VLLMJudge(BatchingJudge):
         ImportError: vLLM is not installed (the message names the extra to install).
     """
 
-    def __init__(self, model: str, *, max_batch_size: int = 256, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_batch_size: int = 256,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # e.g. {"enable_thinking": False}
         try:
             import vllm
         except ImportError as exc:
@@ -72,6 +80,7 @@ class VLLMJudge(BatchingJudge):
                 use_tqdm=False,
                 add_generation_prompt=not continuation,
                 continue_final_message=continuation,
+                chat_template_kwargs=self.chat_template_kwargs or None,
             )
             for index, output in zip(batch, outputs, strict=True):
                 completion = output.outputs[0]
@@ -103,7 +112,8 @@ class VLLMJudge(BatchingJudge):
         identity = self.__dict__.get("_cache_identity")
         if identity is None:
             identity = self.__dict__["_cache_identity"] = _engine_identity(self.llm)
-        return {**super().cache_identity(), **identity}
+        extra = {"template_kwargs": self.chat_template_kwargs} if self.chat_template_kwargs else {}
+        return {**super().cache_identity(), **identity, **extra}
 
     def _check_length(self, request: ChatRequest) -> JudgeError | None:
         """vLLM rejects a whole `chat` call if one prompt is too long, so check each prompt first."""
@@ -116,6 +126,7 @@ class VLLMJudge(BatchingJudge):
             add_generation_prompt=not continuation,
             continue_final_message=continuation,
             tokenize=True,
+            **self.chat_template_kwargs,
         )
         if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
             ids = ids["input_ids"]

@@ -7,6 +7,9 @@ with VLLMServer.start("path/to/judge", python=".venv-vllm/bin/python") as server
     reward = LongRewardFunction(judge_base_url=server.base_url, judge_model=server.model_name, ...)
 ```
 
+`VLLMServer.launch` returns at once (the URL is known before the engine has loaded) and `wait_until_healthy` waits:
+`trl-longreward dpo --judge_server vllm` builds the trainer while its judge server starts.
+
 The server is `python -m vllm.entrypoints.openai.api_server` run by `python` (a vLLM environment's interpreter: vLLM
 may live in an environment of its own), in its own process group, stopped with everything it spawned. The module
 entry point is used rather than `vllm serve` because the CPU build's console script looks its version up under the
@@ -70,9 +73,10 @@ class VLLMServer:
         self.model_name = model_name
         self.log_path = log_path
         self.base_url = f"http://{host}:{port}/v1"
+        self.command: list[str] = []  # the command line that started it (`launch` fills it in)
 
     @classmethod
-    def start(
+    def launch(
         cls,
         model: str | os.PathLike[str],
         *,
@@ -86,9 +90,9 @@ class VLLMServer:
         seed: int | None = 0,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
-        timeout: float = 300.0,
     ) -> VLLMServer:
-        """Launch the server and wait until `/health` answers 200.
+        """Launch the server and return at once, before it can answer: `wait_until_healthy` waits for it. Its URL
+        (`base_url`) is known from here on, so a trainer and its judge client can be built while the engine loads.
 
         Args:
             model: the model directory (or Hub id) to serve.
@@ -101,10 +105,6 @@ class VLLMServer:
             env: environment variables added to this process's (e.g. `VLLM_CPU_KVCACHE_SPACE`); without
                 `VLLM_CPU_OMP_THREADS_BIND` here or in this process's, a small CPU machine's cores all go to the
                 worker (`vllm_support.cpu_thread_env`).
-            timeout: seconds to wait for the server to become healthy.
-
-        Raises:
-            RuntimeError: the server exited or was not healthy in time; the message ends with its log.
         """
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"host={host!r}: VLLMServer serves on loopback only (127.0.0.1, localhost or ::1).")
@@ -147,19 +147,40 @@ class VLLMServer:
                 start_new_session=True,
             )
         server = cls(process, host=host, port=port, model_name=name, log_path=log_path)
+        server.command = command
+        return server
+
+    @classmethod
+    def start(cls, model: str | os.PathLike[str], *, timeout: float = 300.0, **kwargs: Any) -> VLLMServer:
+        """Launch the server (`launch`, same arguments) and wait until `/health` answers 200 (`wait_until_healthy`).
+
+        Raises:
+            RuntimeError: the server exited or was not healthy within `timeout` seconds; the message ends with its log.
+        """
+        server = cls.launch(model, **kwargs)
+        server.wait_until_healthy(timeout)
+        return server
+
+    def wait_until_healthy(self, timeout: float = 300.0) -> None:
+        """Wait until `/health` answers 200.
+
+        Raises:
+            RuntimeError: the server exited or was not healthy in time (it is stopped); the message ends with its log.
+        """
         deadline = time.monotonic() + timeout
+        command = " ".join(self.command) or "the vLLM server"
         while True:
-            if process.poll() is not None:
-                tail = server.log_tail()
-                server.stop()
-                raise RuntimeError(f"`{' '.join(command)}` exited with code {process.returncode}:\n{tail}")
-            answer = _get(f"http://{host}:{port}/health")
+            if self.process.poll() is not None:
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"`{command}` exited with code {self.process.returncode}:\n{tail}")
+            answer = _get(f"http://{self.host}:{self.port}/health")
             if answer is not None and answer[0] == 200:
-                return server
+                return
             if time.monotonic() > deadline:
-                tail = server.log_tail()
-                server.stop()
-                raise RuntimeError(f"`{' '.join(command)}` was not healthy after {timeout:.0f} s:\n{tail}")
+                tail = self.log_tail()
+                self.stop()
+                raise RuntimeError(f"`{command}` was not healthy after {timeout:.0f} s:\n{tail}")
             time.sleep(0.5)
 
     @property

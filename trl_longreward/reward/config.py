@@ -57,6 +57,10 @@ class LongRewardConfig:
         judge_extra_body (`dict` or `str` or `None`, *optional*, defaults to `None`):
             Extra JSON fields of every HTTP judge request, e.g. `'{"seed": 0, "top_k": 20, "chat_template_kwargs":
             {"enable_thinking": false}}'` on the command line. They are part of the judge-call cache key.
+        judge_chat_template_kwargs (`dict` or `str` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of the judge's chat template, on every backend, e.g. `'{"enable_thinking": false}'` for
+            Qwen3: sent as `chat_template_kwargs` in the HTTP request body (vLLM, `transformers serve`), passed to
+            `apply_chat_template` in process. Part of the judge-call cache key.
         judge_engine_kwargs (`dict` or `str` or `None`, *optional*, defaults to `None`):
             Keyword arguments of the in-process judge's engine: `vllm.LLM(...)` for `judge_backend="vllm"` (e.g.
             `'{"gpu_memory_utilization": 0.3, "max_model_len": 32768, "enforce_eager": true}'` on the command
@@ -211,6 +215,13 @@ class LongRewardConfig:
             "judge-call cache key)."
         },
     )
+    judge_chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the judge's chat template on every backend, e.g. '{\"enable_thinking\": "
+            "false}' (HTTP: the request's chat_template_kwargs; in process: apply_chat_template's)."
+        },
+    )
     judge_engine_kwargs: dict | str | None = field(
         default=None,
         metadata={
@@ -329,6 +340,20 @@ class LongRewardConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.judge_chat_template_kwargs, str):  # from the command line
+            import json
+
+            try:
+                self.judge_chat_template_kwargs = json.loads(self.judge_chat_template_kwargs)
+            except ValueError as err:
+                raise ValueError(
+                    f"judge_chat_template_kwargs={self.judge_chat_template_kwargs!r} is not a JSON object, e.g. "
+                    "'{\"enable_thinking\": false}'."
+                ) from err
+        if self.judge_chat_template_kwargs is not None and not isinstance(self.judge_chat_template_kwargs, dict):
+            raise ValueError(
+                f"judge_chat_template_kwargs must be a JSON object, got {self.judge_chat_template_kwargs!r}."
+            )
         if isinstance(self.judge_extra_body, str):  # from the command line
             import json
 

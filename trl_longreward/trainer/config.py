@@ -58,6 +58,9 @@ class LongContextDPOConfig(DPOConfig):
         max_prompt_length (`int`, *optional*, defaults to `2048`):
             Token budget of the policy's prompt; longer documents are cut in the MIDDLE (head and tail kept, never the
             question). The judge always reads the full document.
+        chat_template_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of the policy's chat template when prompts are tokenized (as `GRPOConfig`'s), e.g.
+            `{"enable_thinking": False}` for Qwen3. The judge's are `long_reward`'s `judge_chat_template_kwargs`.
         generation_micro_batch_size (`int` or `None`, *optional*, defaults to `None`):
             Prompts per transformers `generate` call (each with its k samples); `None`: the whole per-device batch.
             (GRPO's `generation_batch_size` counts completions per generation round, a different thing, hence the
@@ -155,7 +158,7 @@ class LongContextDPOConfig(DPOConfig):
             to 64, to pad them on GPUs.
     """
 
-    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward"]
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward", "chat_template_kwargs"]
 
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -191,6 +194,13 @@ class LongContextDPOConfig(DPOConfig):
     max_completion_length: int = field(default=256, metadata={"help": "Max tokens per sampled response."})
     max_prompt_length: int = field(
         default=2048, metadata={"help": "Prompt token budget; longer documents are cut in the middle."}
+    )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the policy's chat template (GRPOConfig's option), e.g. "
+            "'{\"enable_thinking\": false}' for Qwen3; the judge's are long_reward.judge_chat_template_kwargs."
+        },
     )
     use_vllm: bool = field(
         default=False,
@@ -369,10 +379,21 @@ class LongContextDPOConfig(DPOConfig):
         return {**self.__dict__, "hub_token": None}
 
     def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16 and not self.use_cpu:
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            if not is_torch_bf16_gpu_available():
+                # TRL's default is bf16, which transformers refuses without a bf16 GPU: on such a machine (a laptop, a
+                # CPU runner) the default is float32 instead, so the same script runs there. Set bf16 to choose.
+                self.bf16 = False
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             # TRL's default (on), under transformers' current name: the deprecated alias would warn on every run
             self.activation_checkpointing = True
         super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
+        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
+            raise ValueError(
+                f"chat_template_kwargs must be a mapping (a JSON object), got {self.chat_template_kwargs!r}."
+            )
         if self.long_reward is not None:
             if not isinstance(self.long_reward, dict):
                 raise ValueError(

@@ -278,7 +278,11 @@ class LongContextDPOTrainer(DPOTrainer):
         if dataset_name != "train":  # evaluation data is ordinary preference data
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         return prepare_prompt_dataset(
-            dataset, self._tokenizer, max_prompt_length=args.max_prompt_length, **self._document_columns
+            dataset,
+            self._tokenizer,
+            max_prompt_length=args.max_prompt_length,
+            chat_template_kwargs=args.chat_template_kwargs,
+            **self._document_columns,
         )
 
     def _build_reward_funcs(self, reward_funcs) -> list[Callable]:
@@ -822,9 +826,9 @@ class LongContextDPOTrainer(DPOTrainer):
         for reason in SKIP_REASONS:
             metrics[f"pairs/skipped_{reason}"].append(counts[f"skipped_{reason}"])
         if online:
-            metrics["rewards/chosen_mean"].append(counts["chosen_sum"] / online)
-            metrics["rewards/rejected_mean"].append(counts["rejected_sum"] / online)
-            metrics["rewards/gap_mean"].append((counts["chosen_sum"] - counts["rejected_sum"]) / online)
+            metrics["long_reward/chosen_mean"].append(counts["chosen_sum"] / online)
+            metrics["long_reward/rejected_mean"].append(counts["rejected_sum"] / online)
+            metrics["long_reward/gap_mean"].append((counts["chosen_sum"] - counts["rejected_sum"]) / online)
         for name, value in reward_metrics.items():
             metrics[name].append(value)
         if new_pairs:  # pairs trained on again (num_iterations > 1) are not counted twice
