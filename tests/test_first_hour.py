@@ -117,6 +117,7 @@ def test_judge_server_vllm_without_vllm_says_how_and_auto_falls_back(tmp_path, m
     from trl_longreward.commands import dpo
 
     monkeypatch.chdir(tmp_path)  # no ./.venv-vllm here
+    monkeypatch.delenv("TRL_LONGREWARD_VLLM_PYTHON", raising=False)
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
@@ -275,3 +276,29 @@ def test_in_process_judge_applies_its_chat_template_kwargs(tiny_model):
     assert plain.tokenizer.decode(thinking_off._encode(request)).endswith("<|assistant|><think></think>")
     assert not plain.tokenizer.decode(plain._encode(request)).endswith("<think></think>")
     assert thinking_off.cache_identity()["template_kwargs"]["enable_thinking"] is False
+
+
+def test_judge_calls_wait_for_a_starting_server(server):
+    """`OpenAIJudge.wait_until_ready` (what `--judge_server` sets): called before any request leaves; a copy for
+    another process leaves it behind."""
+    import pickle
+    import time
+
+    from trl_longreward import LongRewardFunction
+
+    reward = LongRewardFunction(
+        judge_base_url=server.base_url, judge_model="scripted-judge", retriever="bm25", chunk_tokenizer="regex"
+    )
+    waited: list[int] = []
+
+    def wait() -> None:
+        time.sleep(0.2)
+        waited.append(server.num_chat_requests)  # what had reached the server when the wait ended
+
+    reward.judge.wait_until_ready = wait
+    try:
+        assert reward(prompts=[CONTEXT + "\n\n" + QUESTION], completions=[GOOD])[0] == pytest.approx(9.25)
+    finally:
+        reward.close()
+    assert waited and waited[0] == 0 and server.num_chat_requests > 0
+    assert pickle.loads(pickle.dumps(reward.judge)).wait_until_ready is None

@@ -11,14 +11,15 @@ How it deviates from the paper:
   (`training_mode: offline` with `trl-longreward build-pairs` reproduces that, see
   `recipes/configs/build_pairs_then_dpo.yaml`).
 - The policy sees documents cut in the MIDDLE to `max_prompt_length` tokens; the judge always sees the whole document.
-- The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), answers of at most 48
+- The no-argument demo uses SmolLM2-135M-Instruct as policy AND judge, k = 4 (paper: 10), answers of at most 32
   tokens, English rows only, learning rate 5e-6 (paper: 1e-6; a few steps would barely move the weights), small judge
   budgets and 1024-token notes chunks for completeness (paper: 4096), so that it finishes on a CPU. SmolLM2-135M is a
-  very weak judge: it rarely ends an answer with the `[[N]]` verdict, so its decoding is constrained to end in one
-  (`verdict_decoding: structured`; paper: free text, parsed), it lists the statements of a response as a numbered list
+  very weak judge: it rarely ends an answer with the `[[N]]` verdict, so an answer without one is continued for a few
+  tokens after the prompt's verdict line (`verdict_followup`; paper: re-sample the whole answer), it lists the statements of a response as a numbered list
   rather than in `<statement>` tags, which is read too (`verdict_parsing: lenient`; paper: strict), one sampled try
   is made per call (paper: up to 5), and an answer counts as scored when any dimension is
   (`max_missing_dimensions: 3`; paper: all four). Its scores are noise; the demo shows the machinery, not a judge.
+  Its judge is served by a vLLM server on loopback when vLLM is found (`judge_server: auto`), else it runs in process.
 - The prompts, score clipping, caching and failure handling deviate as listed in docs/deviations.md.
 
 Launch commands (`trl-longreward dpo ARGS` and `accelerate launch recipes/dpo_longreward.py ARGS` are the same job;
@@ -80,7 +81,7 @@ BUNDLED = "bundled"  # dataset_name of the bundled long-context QA set
 BUNDLED_CARD_NAME = "the bundled long-context QA set of trl-longreward"
 VLLM_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"  # where `bash .ci/install` puts vLLM's own environment
 
-# Budgets of the no-argument demo: three steps, small enough for a 2-core CPU (see `demo_defaults`).
+# Budgets of the no-argument demo: one online step, small enough for a 2-core CPU (see `demo_defaults`).
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": DEMO_OUTPUT_DIR,
     "dtype": "float32",  # bfloat16 matmuls are about 5x slower than float32 on CPUs without native bfloat16
@@ -88,43 +89,41 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "activation_checkpointing": False,  # a 135M model fits; recomputation would only cost time on a CPU
     "per_device_train_batch_size": 1,
     "gradient_accumulation_steps": 1,
-    "max_steps": 3,
+    "max_steps": 1,
     "dataset_languages": ["en"],  # SmolLM2 is an English model
-    # No held-out LongRewardCallback evaluation: three steps at this learning rate leave the greedy held-out answer
-    # unchanged, so its curve would be flat and cost a judging; `--eval_long_reward_steps 3` adds it.
+    # No held-out LongRewardCallback evaluation: one step at this learning rate leave the greedy held-out answer
+    # unchanged, so its curve would be flat and cost a judging; `--eval_long_reward_steps 1` adds it.
     "eval_long_reward_steps": 0,
     "eval_long_reward_prompts": 1,
     "num_generations": 4,
-    "max_completion_length": 48,
+    "max_completion_length": 32,
     "max_prompt_length": 512,
     "learning_rate": 5e-6,
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
     "seed": 0,
-    # The judge: a vLLM server on loopback when a vLLM environment is found (about 3x faster per step than the
-    # in-process judge on 2 cores, see docs/benchmarks.md), else SmolLM2 in process.
+    # The judge: a vLLM server on loopback when a vLLM environment is found (faster than the in-process judge on
+    # 2 cores, measured: docs/benchmarks.md), else SmolLM2 in process.
     "judge_server": "auto",
     "long_reward": {
         "judge_backend": "transformers",
         # One sampled try per judge call (paper: greedy first, up to 5 tries): a try costs seconds on 2 cores.
         "max_attempts": 1,
         "first_temperature": 0.95,
-        # SmolLM2 rarely ends its answer with the paper's "[[6]]" (without help no pair forms): structured decoding
-        # lets it reason freely, then makes the answer end in a verdict, forcing the prompt's "Score: [[" line when
-        # the budget runs out (a deviation, see LongRewardConfig.verdict_decoding), so every verdict reads strictly
-        # and no follow-up call is needed. Its statement lists stay free and come as numbered lists, not the paper's
-        # <statement> tags: lenient parsing reads them (a deviation).
-        "verdict_decoding": "structured",
+        # SmolLM2 rarely ends its answer with the paper's "[[6]]" (without help no pair forms): an answer without a
+        # verdict is continued once for a few tokens after the prompt's own verdict line ("Score: [[", a deviation,
+        # see LongRewardConfig.verdict_followup), and its statement lists come as numbered lists, not the paper's
+        # <statement> tags, which lenient parsing reads (a deviation). Measured faster than structured decoding with
+        # both engines (docs/benchmarks.md): free answers may stop early, constrained ones run to their budget.
         "verdict_parsing": "lenient",
-        # vLLM's grammar cannot count tokens: an answer cut at its budget before its verdict is continued once,
-        # constrained to the verdict (the in-process judge forces the verdict before the budget ends and never needs it).
         "verdict_followup": True,
         "score_max_tokens": 32,
         "break_max_tokens": 32,  # one statement is checked (max_statements): its first list item is enough
         "check_max_tokens": 32,
-        "extract_max_tokens": 48,
+        "extract_max_tokens": 32,  # notes: the first items of a chunk's list; decoding is what a CPU waits on
         "max_statements": 1,
+        "faithfulness_top_k": 3,  # passages shown per statement check (paper: 5): prompt tokens are the CPU's cost
         # Notes are extracted from 1024-token chunks (paper: 4096): attention on a CPU costs the square of the chunk
         # length, and one 4096-token extraction batch alone took over 5 minutes on 2 cores.
         "completeness_chunk_tokens": 1024,
@@ -190,8 +189,9 @@ class LongRewardScriptArguments(ScriptArguments):
     judge_server_python: str | None = field(
         default=None,
         metadata={
-            "help": "Python interpreter of the environment vLLM is installed in; unset: this interpreter when it has "
-            "vLLM, else ./.venv-vllm/bin/python when it exists (bash .ci/install builds it)."
+            "help": "Python interpreter of the environment vLLM is installed in; unset: $TRL_LONGREWARD_VLLM_PYTHON, "
+            "else this interpreter when it has vLLM, else ./.venv-vllm/bin/python when it exists (bash .ci/install "
+            "builds it)."
         },
     )
 
@@ -260,11 +260,18 @@ def check_data(script_args: LongRewardScriptArguments, model_args: ModelConfig) 
         )
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def find_vllm_python(explicit: str | None = None) -> str | None:
-    """The interpreter of an environment with vLLM: `explicit`, else this one when it can import vLLM, else
-    `./.venv-vllm/bin/python` when it exists; None when there is none."""
+    """The interpreter of an environment with vLLM: `explicit`, else `$TRL_LONGREWARD_VLLM_PYTHON`, else this one when
+    it can import vLLM, else `./.venv-vllm/bin/python` when it exists; None when there is none."""
     import importlib.util
 
+    explicit = explicit or os.environ.get("TRL_LONGREWARD_VLLM_PYTHON")
     if explicit:
         if not Path(explicit).exists():
             raise SystemExit(f"judge_server_python={explicit}: no such interpreter.")
@@ -303,13 +310,49 @@ def launch_judge_server(script_args: LongRewardScriptArguments, training_args: L
             "no vLLM found (not importable here, no ./.venv-vllm; set judge_server_python or install the vllm extra)"
         )
     served = public_name(judge["judge_model"])[0] or "judge"
-    server = VLLMServer.launch(judge["judge_model"], python=python, served_model_name=served)
+    extra_args: list[str] = []
+    env: dict[str, str] = {}
+    if not _has_cuda():
+        # On a CPU the engine and its one worker run inside the API server's process (no engine-core process, no
+        # worker process): each process start imports torch and vLLM again, a large part of the start-up on
+        # 2 cores; the engine's work is the same (one worker either way).
+        extra_args = ["--distributed-executor-backend", "uni"]
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    server = VLLMServer.launch(
+        judge["judge_model"], python=python, served_model_name=served, extra_args=extra_args, env=env
+    )
     for key in ("judge_engine_kwargs",):
         judge.pop(key, None)
     judge.update(judge_backend="openai", judge_base_url=server.base_url, judge_model=server.model_name)
     training_args.long_reward = judge
     print(f"judge_server: starting vLLM ({python}) for {served} at {server.base_url}.")
     return server
+
+
+def gate_judges_on(server: Any, trainer: Any) -> None:
+    """Let training start while the judge server is still loading: the first judge call waits until it answers
+    (`OpenAIJudge.wait_until_ready`), so the first step's sampling overlaps the server's start-up."""
+    import threading
+
+    lock, started = threading.Lock(), time.perf_counter()
+    ready: list[bool] = []
+
+    def wait() -> None:
+        with lock:
+            if not ready:
+                server.wait_until_healthy(timeout=600)
+                ready.append(True)
+                print(f"Judge: vLLM server {server.model_name} ready at {server.base_url} "
+                      f"({time.perf_counter() - started:.0f} s after the trainer was built).", flush=True)  # fmt: skip
+
+    gated = 0
+    for func in trainer.reward_funcs:
+        judge = getattr(func, "judge", None)
+        if judge is not None and hasattr(judge, "wait_until_ready"):
+            judge.wait_until_ready = wait
+            gated += 1
+    if not gated:  # nothing to gate (a custom reward): wait here, before training
+        wait()
 
 
 def cpu_ranks() -> bool:
@@ -506,12 +549,7 @@ def main(script_args: LongRewardScriptArguments, training_args: LongContextDPOCo
     try:
         trainer, recorder = build_trainer(script_args, training_args, model_args)
         if server is not None:
-            started = time.perf_counter()
-            server.wait_until_healthy(timeout=600)
-            trainer.accelerator.print(
-                f"Judge: vLLM server {server.model_name} at {server.base_url} (ready "
-                f"{time.perf_counter() - started:.0f} s after the trainer)."
-            )
+            gate_judges_on(server, trainer)
     except BaseException:
         if server is not None:
             server.stop()

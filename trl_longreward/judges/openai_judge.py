@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,6 +209,9 @@ class OpenAIJudge(Judge):
         super().__init__()
         self.affinity = affinity
         self.fingerprint = fingerprint
+        # Called (in a worker thread) before any request goes out, e.g. to wait for a judge server that is still
+        # starting (`trl-longreward dpo --judge_server vllm` samples the first step meanwhile); must be idempotent.
+        self.wait_until_ready: Callable[[], None] | None = None
         self._served = _ServedModels()
         if context_window is not None and context_window < 1:
             raise ValueError(f"context_window must be >= 1 tokens, or None when unknown; got {context_window}.")
@@ -447,6 +450,7 @@ class OpenAIJudge(Judge):
         identity = self.cache_identity()
         if self.fingerprint is not None:
             return identity
+        await self._ready()
         home = getattr(self, "_home", None)
         if home is None:
             reports = await self._served_reports()
@@ -537,7 +541,12 @@ class OpenAIJudge(Judge):
 
     async def agenerate(self, requests: Sequence[ChatRequest]) -> list[str | JudgeError]:
         """Answer every request on the judge's own loop, awaited from whichever loop calls this."""
+        await self._ready()
         return list(await asyncio.gather(*(self._on_home_loop(r) for r in requests)))
+
+    async def _ready(self) -> None:
+        if self.wait_until_ready is not None:
+            await asyncio.to_thread(self.wait_until_ready)
 
     async def _on_home_loop(self, request: ChatRequest) -> str | JudgeError:
         try:
@@ -593,7 +602,7 @@ class OpenAIJudge(Judge):
         )
         for mine, theirs in zip(self._pool.endpoints, pool.endpoints, strict=True):
             theirs.__dict__.update({k: v for k, v in vars(mine).items() if k not in ("client", "in_flight")})
-        state.update(_pool=pool, _retired=[], _loop=None)
+        state.update(_pool=pool, _retired=[], _loop=None, wait_until_ready=None)
         return state
 
 
