@@ -1,6 +1,7 @@
 """The CPU demo as the README's first command runs it: `trl-longreward dpo` with no model named, its judge served by
 a vLLM server (the CPU build, from the vLLM environment) that the job starts while the policy loads and stops at the
-end. One step with k = 2 here (the demo itself takes three with k = 4); its own module, so no other vLLM server
+end. Here k = 2, and only the two dimensions that need no document calls are judged (the demo judges all four; the
+four pipelines against the vLLM server are `tests/test_vllm_server.py`'s); its own module, so no other vLLM server
 competes for the cores.
 """
 
@@ -20,14 +21,20 @@ from vllm_env import REPO_ROOT, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-DIMENSION_NAMES = ("helpfulness", "logicality", "faithfulness", "completeness")
-
 
 def test_the_demo_judges_through_its_own_vllm_server_and_stops_it(tmp_path: Path) -> None:
+    from trl_longreward.commands.dpo import demo_defaults
+
     out = tmp_path / "run"
+    # --long_reward replaces the whole mapping: the demo's, with two dimensions
+    judge = {
+        **demo_defaults()["long_reward"],
+        "dimensions": ["helpfulness", "logicality"],
+        "max_missing_dimensions": 1,
+    }
     command = [
         sys.executable, "-m", "trl_longreward.commands", "dpo", "--output_dir", str(out),
-        "--max_steps", "1", "--num_generations", "2", "--max_completion_length", "16",
+        "--max_steps", "1", "--num_generations", "2", "--max_completion_length", "16", "--long_reward", json.dumps(judge),
     ]  # fmt: skip
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_LONGREWARD_VLLM_PYTHON=vllm_python()
@@ -46,7 +53,7 @@ def test_the_demo_judges_through_its_own_vllm_server_and_stops_it(tmp_path: Path
         assert (out / name).exists(), name
     records = [json.loads(line) for line in (out / "judged_samples.jsonl").read_text().splitlines()]
     samples = [sample for record in records for sample in record["samples"]]
-    assert len(samples) == 2 and all(set(s["scores"]) == set(DIMENSION_NAMES) for s in samples)
+    assert len(samples) == 2 and all(set(s["scores"]) == {"helpfulness", "logicality"} for s in samples)
     assert any(sample["reward"] is not None for sample in samples), [s["trace"] for s in samples]
     card = (out / "README.md").read_text()
     assert "smollm2-135m-instruct" in card and "/root" not in card and str(REPO_ROOT) not in card

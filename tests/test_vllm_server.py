@@ -3,14 +3,13 @@
 
 SmolLM2-135M is a weak judge: these tests check the pipeline over real HTTP against vLLM's own server (every row
 rewarded, counters, the cache making a rerun free as the server's own request counter shows, the verdict follow-up
-continuing an assistant message, the `score` command, a DPO step), not the quality of its verdicts.
+continuing an assistant message, the `score` command; a DPO step judged by a server is `tests/test_vllm_demo.py`),
+not the quality of its verdicts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +17,9 @@ from typing import Any
 
 import openai
 import pytest
-from tiny_models import JudgedSteps, small_dpo_config, tiny_llama
-from tiny_models import prompts_dataset as _dataset
 from vllm_env import vllm_python
 
-from trl_longreward import DIMENSIONS, LongContextDPOTrainer, LongRewardFunction
+from trl_longreward import DIMENSIONS, LongRewardFunction
 from trl_longreward.judges.base import ChatRequest, VerdictConstraint
 from trl_longreward.judges.openai_judge import OpenAIJudge
 from trl_longreward.judges.vllm_server import VLLMServer
@@ -180,30 +177,6 @@ def test_score_command_against_the_server(vllm_server: VLLMServer, tmp_path: Pat
     assert len(rows) == 2
     assert all(row["reward"] is not None for row in rows), rows
     assert _requests_served(vllm_server) > served_before
-
-
-def test_dpo_step_with_the_vllm_judge(vllm_server: VLLMServer, tmp_path: Path) -> None:
-    """An online DPO step of a tiny policy judged by the vLLM server: one prompt, k = 2 samples (the fewest that make
-    a pair), every sample rewarded, the loss finite."""
-    model_path = tiny_llama(tmp_path / "policy")
-    judged = JudgedSteps()
-    reward = _reward(vllm_server, tmp_path / "judge_cache.sqlite")
-    trainer = LongContextDPOTrainer(
-        model=model_path,
-        args=small_dpo_config(
-            tmp_path / "out", max_steps=1, per_device_train_batch_size=1, num_generations=2, max_completion_length=16
-        ),
-        train_dataset=_dataset(),
-        callbacks=[judged],
-        reward_funcs=[reward],
-    )
-    result = trainer.train()
-    assert math.isfinite(result.training_loss)
-    logged = [entry for entry in trainer.state.log_history if "long_reward/judge_calls" in entry]
-    assert logged and logged[-1]["long_reward/judge_calls"] > 0, trainer.state.log_history
-    (step,) = judged.steps
-    assert len(step.rewards) == 2 and all(r is not None and 0.0 <= r <= 10.0 for r in step.rewards), step.rewards
-    print(json.dumps(logged[-1], default=str)[:2000])
 
 
 def test_structured_verdicts_through_the_server(
