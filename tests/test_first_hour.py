@@ -302,3 +302,32 @@ def test_judge_calls_wait_for_a_starting_server(server):
         reward.close()
     assert waited and waited[0] == 0 and server.num_chat_requests > 0
     assert pickle.loads(pickle.dumps(reward.judge)).wait_until_ready is None
+
+
+def test_the_demo_config_serves_the_embedded_judge(monkeypatch, capsys):
+    """`--config recipes/configs/cpu_demo.yaml` leaves judge_model to the embedded default, as the in-process judge
+    does: `judge_server: auto` serves that model (under its public name), it does not fall back."""
+    from types import SimpleNamespace
+
+    from trl_longreward.commands import dpo
+    from trl_longreward.judges.vllm_server import VLLMServer
+    from trl_longreward.models import default_model_path
+
+    launched = {}
+
+    def launch(model, **kwargs):
+        launched.update(kwargs, model=model)
+        return SimpleNamespace(base_url="http://127.0.0.1:9/v1", model_name=kwargs["served_model_name"])
+
+    monkeypatch.setattr(dpo, "find_vllm_python", lambda explicit=None: sys.executable)
+    monkeypatch.setattr(VLLMServer, "launch", launch)
+    script_args, training_args, _ = dpo.parse_arguments(["--config", str(REPO_ROOT / "recipes/configs/cpu_demo.yaml")])
+    assert script_args.judge_server == "auto" and "judge_model" not in training_args.long_reward
+    assert dpo.launch_judge_server(script_args, training_args) is not None
+    assert launched["model"] == str(default_model_path()) and launched["served_model_name"] == "smollm2-135m-instruct"
+    judge = training_args.long_reward
+    assert (judge["judge_backend"], judge["judge_base_url"], judge["judge_model"]) == (
+        "openai",
+        "http://127.0.0.1:9/v1",
+        "smollm2-135m-instruct",
+    )

@@ -302,6 +302,10 @@ def launch_judge_server(script_args: LongRewardScriptArguments, training_args: L
     judge = dict(training_args.long_reward or {})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return not_served("one process only (start a server yourself and set long_reward.judge_base_url)")
+    if not judge.get("judge_model") and judge.get("judge_backend") == "transformers":
+        from trl_longreward.models import default_model_path
+
+        judge["judge_model"] = str(default_model_path())  # what the in-process judge would load: the embedded default
     if not judge.get("judge_model"):
         return not_served("long_reward.judge_model names no model to serve")
     python = find_vllm_python(script_args.judge_server_python)
