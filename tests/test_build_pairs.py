@@ -205,9 +205,9 @@ def test_prompt_rows_and_a_policy_without_chat_template_give_string_pairs(tmp_pa
 def test_usage_lists_both_commands(capsys) -> None:
     assert main([]) == 2
     usage = capsys.readouterr().out
-    assert "score" in usage and "build-pairs" in usage
+    assert "dpo" in usage and "score" in usage and "build-pairs" in usage
     assert main(["nope"]) == 2
-    assert "available: score, build-pairs" in capsys.readouterr().err
+    assert "available: dpo, score, build-pairs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
