@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..judges.endpoints import parse_base_urls
 
@@ -340,41 +340,13 @@ class LongRewardConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.judge_chat_template_kwargs, str):  # from the command line
-            import json
-
-            try:
-                self.judge_chat_template_kwargs = json.loads(self.judge_chat_template_kwargs)
-            except ValueError as err:
-                raise ValueError(
-                    f"judge_chat_template_kwargs={self.judge_chat_template_kwargs!r} is not a JSON object, e.g. "
-                    "'{\"enable_thinking\": false}'."
-                ) from err
-        if self.judge_chat_template_kwargs is not None and not isinstance(self.judge_chat_template_kwargs, dict):
-            raise ValueError(
-                f"judge_chat_template_kwargs must be a JSON object, got {self.judge_chat_template_kwargs!r}."
-            )
-        if isinstance(self.judge_extra_body, str):  # from the command line
-            import json
-
-            try:
-                self.judge_extra_body = json.loads(self.judge_extra_body)
-            except ValueError as err:
-                raise ValueError(
-                    f"judge_extra_body={self.judge_extra_body!r} is not a JSON object, e.g. '{{\"seed\": 0}}'."
-                ) from err
-        if self.judge_extra_body is not None and not isinstance(self.judge_extra_body, dict):
-            raise ValueError(f"judge_extra_body must be a JSON object, got {self.judge_extra_body!r}.")
-        if isinstance(self.judge_engine_kwargs, str):  # from the command line
-            import json
-
-            try:
-                self.judge_engine_kwargs = json.loads(self.judge_engine_kwargs)
-            except ValueError as err:
-                raise ValueError(
-                    f"judge_engine_kwargs={self.judge_engine_kwargs!r} is not a JSON object, e.g. "
-                    '\'{"max_model_len": 8192, "enforce_eager": true}\'.'
-                ) from err
+        self.judge_chat_template_kwargs = _json_object(
+            self.judge_chat_template_kwargs, "judge_chat_template_kwargs", "'{\"enable_thinking\": false}'"
+        )
+        self.judge_extra_body = _json_object(self.judge_extra_body, "judge_extra_body", "'{\"seed\": 0}'")
+        self.judge_engine_kwargs = _json_object(
+            self.judge_engine_kwargs, "judge_engine_kwargs", '\'{"max_model_len": 8192, "enforce_eager": true}\''
+        )
         if self.judge_engine_kwargs is not None:
             if not isinstance(self.judge_engine_kwargs, dict):
                 raise ValueError(f"judge_engine_kwargs must be a JSON object, got {self.judge_engine_kwargs!r}.")
@@ -525,3 +497,17 @@ class LongRewardConfig:
     def weight(self, dimension: str) -> float:
         """The weight of `dimension` in the reward's weighted mean: its `dimension_weights` entry, else 1.0."""
         return 1.0 if self.dimension_weights is None else float(self.dimension_weights.get(dimension, 1.0))
+
+
+def _json_object(value: Any, name: str, example: str) -> Any:
+    """A dict-valued field: a JSON string from the command line parsed, anything but a mapping (or None) refused."""
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"{name}={value!r} is not a JSON object, e.g. {example}.") from err
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}.")
+    return value
