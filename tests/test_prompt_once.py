@@ -100,11 +100,12 @@ def test_pack_pairs_layout():
     input_ids = torch.tensor([prompt + chosen + [pad], prompt + rejected])
     attention = torch.tensor([[1] * 6 + [0], [1] * 7])
     completion = torch.tensor([[0] * 4 + [1] * 2 + [0], [0] * 4 + [1] * 3])
-    packed = pack_pairs(input_ids, attention, completion, pad)
+    packed = pack_pairs(input_ids, attention, completion, pad, attention="dense")
     assert packed.input_ids.tolist() == [[11, 12, 13, 14, 21, 22, 14, 31, 32, 33]]
+    assert packed.spans == [(3, 3, 4)]  # body (prompt - 1), chosen + 1, rejected + 1
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4, 5, 6]]
     assert packed.segments.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2]]
-    padded = pack_pairs(input_ids, attention, completion, pad, pad_to_multiple_of=8)
+    padded = pack_pairs(input_ids, attention, completion, pad, pad_to_multiple_of=8, attention="dense")
     assert padded.segments.tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2, 2] + [-1] * 6]
     assert padded.mask_for("sdpa", torch.float32)[0, 0, 10:].sum().item() == 6  # padding sees itself only
     allowed = packed.mask_for("sdpa", torch.float32)[0, 0]

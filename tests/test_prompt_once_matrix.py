@@ -445,7 +445,7 @@ def test_packed_mask_is_each_rows_mask(pattern: AttentionPattern):
     input_ids = torch.tensor([prompt + chosen + [0, 0], prompt + rejected])
     attention = torch.tensor([[1] * 7 + [0] * 2, [1] * 9])
     completion = torch.tensor([[0] * 5 + [1] * 2 + [0] * 2, [0] * 5 + [1] * 4])
-    packed: PackedPairs = pack_pairs(input_ids, attention, completion, 0, pad_to_multiple_of=16)
+    packed: PackedPairs = pack_pairs(input_ids, attention, completion, 0, pad_to_multiple_of=16, attention="dense")
     allowed = packed.mask_for("sdpa", torch.float32, pattern)[0, 0]
     chosen_mask = _two_row_mask(mask_function, attention[0])
     rejected_mask = _two_row_mask(mask_function, attention[1])

@@ -156,6 +156,12 @@ class LongContextDPOConfig(DPOConfig):
             warning). The packed rows are padded to a multiple of `pad_to_multiple_of` (TRL's option, resolved as
             TRL resolves it: `"auto"` pads to 128 on Neuron and not at all elsewhere, CUDA included); set it, e.g.
             to 64, to pad them on GPUs.
+        prompt_once_attention (`str`, *optional*, defaults to `"auto"`):
+            How the packed row's attention is masked. `"auto"`: an sdpa model attends segment by segment (the body
+            causally through SDPA's fused kernels, each branch against [prompt; branch] keys with a branch x prompt
+            mask: memory linear in the prompt length); a flex_attention model gets a FlexAttention `BlockMask`
+            (no L x L tensor either); an eager model, which computes L x L scores anyway, a dense mask.
+            `"dense"`: one [B, 1, L, L] boolean mask for sdpa too (quadratic memory: 4 GiB at 64k tokens).
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward", "chat_template_kwargs"]
@@ -302,6 +308,15 @@ class LongContextDPOConfig(DPOConfig):
         },
     )
 
+    prompt_once_attention: str = field(
+        default="auto",
+        metadata={
+            "help": "How the packed row is masked: auto (sdpa: split attention without an L x L mask; flex_attention: "
+            "a BlockMask; eager: a dense mask) or dense (an [B, 1, L, L] mask for sdpa too).",
+            "choices": ["auto", "dense"],
+        },
+    )
+
     def check_judge_wait_fits(self, world_size: int, judges: Iterable[Any] = ()) -> None:
         """Raise `ValueError` when one HTTP judge call can outlast the job's collective timeout.
 
@@ -390,6 +405,8 @@ class LongContextDPOConfig(DPOConfig):
             # TRL's default (on), under transformers' current name: the deprecated alias would warn on every run
             self.activation_checkpointing = True
         super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
+        if self.prompt_once_attention not in ("auto", "dense"):
+            raise ValueError(f"prompt_once_attention must be 'auto' or 'dense', got {self.prompt_once_attention!r}.")
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
             raise ValueError(
                 f"chat_template_kwargs must be a mapping (a JSON object), got {self.chat_template_kwargs!r}."

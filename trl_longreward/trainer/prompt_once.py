@@ -178,6 +178,11 @@ class PackedPairs:
     source_row: torch.Tensor  # [2B, T - 1]: packed row holding each shifted two-row position
     source_col: torch.Tensor  # [2B, T - 1]: packed shifted position (clamped where invalid)
     valid: torch.Tensor  # [2B, T - 1]: whether the two-row position has a packed counterpart
+    #: per packed row: (body length p - 1, chosen branch length, rejected branch length); the row is laid out
+    #: [body | chosen | rejected | padding], each branch starting at the prompt's last token (position p - 1)
+    spans: list[tuple[int, int, int]] = field(default_factory=list)
+    attention: str = "split"  # how sdpa models get their mask: "split" (no L x L mask) or "dense"
+    split_calls: int = 0  # split attention calls in the current forward (each layer must make one)
     _masks: dict[tuple, Any] = field(default_factory=dict, repr=False)  # built masks, shared by policy and reference
 
     @property
@@ -211,6 +216,8 @@ class PackedPairs:
         if key not in self._masks:
             if attn_implementation == "flex_attention":
                 mask = self._block_mask(pattern)
+            elif attn_implementation == "sdpa" and self.attention == "split":
+                mask = _split_marker(self, pattern)
             else:
                 allowed = self._allowed(pattern)
                 if attn_implementation == "sdpa":
@@ -261,12 +268,16 @@ def pack_pairs(
     completion_mask: torch.Tensor,
     pad_token_id: int = 0,
     pad_to_multiple_of: int = 1,
+    attention: str = "split",
 ) -> PackedPairs | None:
     """Pack a `DataCollatorForPreference` batch (chosen rows first, right-padded) into one row per pair.
 
     `pad_to_multiple_of` pads the packed rows to a multiple of it. The trainer passes `args.pad_to_multiple_of` (1 when
     it is None), which TRL resolves: `"auto"` is 128 on Neuron and None elsewhere, CUDA included. Set it yourself
     (e.g. 64) to pad on GPUs, where masked attention kernels may run faster on aligned lengths.
+
+    `attention` is how an sdpa model attends the packed row: `"split"` (per segment, no L x L mask; see
+    `split_attention`) or `"dense"` (one [B, 1, L, L] boolean mask).
 
     Returns None when the batch does not have that structure (a pair whose rows do not share the exact same prompt,
     an empty prompt, or left padding): the caller then runs TRL's two-row forward.
@@ -279,6 +290,7 @@ def pack_pairs(
     first = completion_mask.int().argmax(dim=1).tolist()
     rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     maps: list[tuple[int, int, int, int]] = []  # (prompt length, chosen length, rejected length)
+    spans: list[tuple[int, int, int]] = []
     for i in range(num_pairs):
         c_row, r_row = i, num_pairs + i
         c_len, r_len = int(lengths[c_row]), int(lengths[r_row])
@@ -303,6 +315,7 @@ def pack_pairs(
         )
         rows.append((ids, positions, segments))
         maps.append((p, chosen, rejected, c_len))
+        spans.append((p - 1, chosen + 1, rejected + 1))
 
     length = max(ids.shape[0] for ids, _, _ in rows)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -336,6 +349,8 @@ def pack_pairs(
         source_row=source_row.to(device),
         source_col=source_col.to(device),
         valid=valid.to(device),
+        spans=spans,
+        attention=attention,
     )
 
 
@@ -367,6 +382,20 @@ def unsupported_reason(model: Any, inputs: dict[str, Any], trainer: Any) -> str 
     return _rope_reason(text_config(model), inputs)
 
 
+def _check_split_calls(module: torch.nn.Module, packed: PackedPairs) -> None:
+    """Raise unless every attention layer of a forward given split markers attended through `split_attention`: a
+    marker that reached another attention function would have computed something else, silently."""
+    if packed.attention != "split" or attention_implementation(module) != "sdpa":
+        return
+    layers = getattr(text_config(module), "num_hidden_layers", None)
+    if layers is not None and packed.split_calls != layers:
+        raise RuntimeError(
+            f"prompt_once: {packed.split_calls} of the model's {layers} attention layers ran the split attention; "
+            "the others did not use transformers' registered sdpa function (a model-local attention override?). "
+            "Set prompt_once_attention='dense' to train this model prompt-once with a dense mask."
+        )
+
+
 @contextlib.contextmanager
 def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dtype: torch.dtype) -> Iterator[None]:
     """While active, fused-head forwards of `modules` with the two-row batch run packed, and answer in two rows.
@@ -389,6 +418,7 @@ def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dty
         kwargs["input_ids"] = packed.input_ids
         kwargs["position_ids"] = packed.position_ids
         kwargs["attention_mask"] = packed.masks_for(layout, attention_implementation(module), dtype)
+        packed.split_calls = 0
         if getattr(text_config(module), "output_router_logits", False) and "output_router_logits" not in kwargs:
             # a config asking for router logits would compute the (unused) load-balancing loss from a 2-D mask
             kwargs["output_router_logits"] = False
@@ -398,6 +428,7 @@ def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dty
     def post_hook(module, args, kwargs, output):
         if not active.pop():
             return output
+        _check_split_calls(module, packed)
         for name in _PER_TOKEN_FIELDS:
             value = getattr(output, name, None)
             if value is not None:
@@ -413,3 +444,142 @@ def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dty
     finally:
         for handle in handles:
             handle.remove()
+
+
+# ----- split attention: the packed row attended segment by segment, without an L x L mask -----
+
+
+@dataclass(frozen=True)
+class _SplitSpec:
+    packed: PackedPairs
+    pattern: AttentionPattern
+
+
+_MARKER_ATTRIBUTE = "_prompt_once_split"
+
+
+def _split_marker(packed: PackedPairs, pattern: AttentionPattern) -> torch.Tensor:
+    """The `attention_mask` handed to an sdpa model for split attention: an all-False [B, 1, L, L] view of ONE
+    element (no L x L memory) that carries the packed layout. Models pass 4-D masks through untouched to their
+    attention function, where the installed sdpa dispatcher recognizes it. Were it ever to reach a plain SDPA, every
+    query would be masked (NaN outputs), and `prompt_once_forward` checks that each layer made a split call."""
+    _install_split_dispatch()
+    batch, length = packed.input_ids.shape
+    marker = torch.zeros((1, 1, 1, 1), dtype=torch.bool, device=packed.input_ids.device).expand(
+        batch, 1, length, length
+    )
+    setattr(marker, _MARKER_ATTRIBUTE, _SplitSpec(packed, pattern))
+    return marker
+
+
+_ORIGINAL_SDPA: list[Callable] = []
+
+
+def _install_split_dispatch() -> None:
+    """Register, once, an "sdpa" attention function that runs `split_attention` for a prompt-once marker mask and
+    transformers' own sdpa function, unchanged, for every other call."""
+    from transformers.modeling_utils import AttentionInterface
+
+    if _ORIGINAL_SDPA:
+        return
+    original = AttentionInterface._global_mapping["sdpa"]
+    _ORIGINAL_SDPA.append(original)
+
+    def sdpa_or_split(module, query, key, value, attention_mask, *args, **kwargs):
+        spec = getattr(attention_mask, _MARKER_ATTRIBUTE, None)
+        if spec is None:
+            return original(module, query, key, value, attention_mask, *args, **kwargs)
+        return split_attention(module, query, key, value, spec, *args, **kwargs)
+
+    AttentionInterface.register("sdpa", sdpa_or_split)
+
+
+def _visible(pattern: AttentionPattern, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[Q, K] boolean: causality and the layer's window, on position ids (the rules of `PackedPairs._allowed` for
+    queries and keys of one branch and the body, whose positions increase with their index)."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    overlay = pattern.overlay(1, q_pos.device)
+    if overlay is not None:
+        batch = torch.zeros((), dtype=torch.long, device=q_pos.device)
+        allowed &= overlay(batch, None, q_pos[:, None], k_pos[None, :])
+    return allowed
+
+
+def _window_start(pattern: AttentionPattern, position: int) -> int:
+    """The smallest position a query at `position` (or later) can see under the layer's window."""
+    if pattern.kind == SLIDING:
+        return max(0, position - pattern.size + 1)
+    if pattern.kind == CHUNKED:
+        return position // pattern.size * pattern.size
+    return 0
+
+
+def split_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    spec: _SplitSpec,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of packed prompt-once rows with memory linear in the length, equal to the dense branch mask.
+
+    Per row [body | chosen | rejected | padding] (query/key/value [B, H, L, D]):
+    - the body attends itself causally (`is_causal=True`, no mask: the fused kernels); a sliding window runs in
+      query blocks of the window's size against their window's keys, a chunked layer chunk by chunk;
+    - each branch attends [body; branch] keys with a mask of branch x (window of the body + branch) only (the chosen
+      branch follows the body in memory; the rejected one is concatenated to it);
+    - a padding position sees itself only, as in the dense mask (its output is its value).
+    The largest mask is (branch length) x (prompt length): linear in the prompt for a given completion length.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("`sdpa` attention does not support `softcap`: use eager or flex_attention")
+    if kwargs.get("position_bias") is not None:
+        raise ValueError("prompt-once split attention does not take a position bias")
+    packed, pattern = spec.packed, spec.pattern
+    packed.split_calls += 1
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    device = query.device
+
+    def attend(q, k, v, mask=None, causal=False):
+        return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal)
+
+    rows = []
+    for row, (body, chosen, rejected) in enumerate(packed.spans):
+        q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
+        parts = []
+        # the body: causal, windowed
+        block = pattern.size if pattern.kind in (SLIDING, CHUNKED) and pattern.size < body else body
+        for start in range(0, body, max(block, 1)):
+            end = min(start + block, body)
+            low = start if pattern.kind == CHUNKED else _window_start(pattern, start)
+            if low == start:  # the block sees no key before itself: causal within it
+                parts.append(attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], causal=True))
+            else:
+                positions = torch.arange(low, end, device=device)
+                mask = _visible(pattern, positions[start - low :], positions)
+                parts.append(attend(q[:, :, start:end], k[:, :, low:end], v[:, :, low:end], mask=mask))
+        # the branches: [visible body; branch] keys
+        low = _window_start(pattern, body)
+        for first, length in ((body, chosen), (body + chosen, rejected)):
+            if first == body:
+                keys, values = k[:, :, low : body + length], v[:, :, low : body + length]
+            else:
+                keys = torch.cat([k[:, :, low:body], k[:, :, first : first + length]], dim=2)
+                values = torch.cat([v[:, :, low:body], v[:, :, first : first + length]], dim=2)
+            q_pos = torch.arange(body, body + length, device=device)
+            k_pos = torch.arange(low, body + length, device=device)
+            parts.append(attend(q[:, :, first : first + length], keys, values, mask=_visible(pattern, q_pos, k_pos)))
+        end = body + chosen + rejected
+        if end < packed.length:
+            parts.append(v[:, :, end:])  # padding queries see themselves only
+        rows.append(torch.cat(parts, dim=2))
+    output = torch.cat(rows, dim=0)
+    return output.transpose(1, 2).contiguous(), None

@@ -614,6 +614,7 @@ class LongContextDPOTrainer(DPOTrainer):
                 inputs["completion_mask"],
                 self.processing_tokenizer.pad_token_id,
                 pad_to_multiple_of=self.args.pad_to_multiple_of or 1,
+                attention="dense" if self.args.prompt_once_attention == "dense" else "split",
             )
             reason = None if packed is not None else "the rows of a pair do not share the same prompt"
         if packed is None:
