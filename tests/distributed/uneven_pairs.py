@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for known_answers and tiny_models
 
 from known_answers import CONTEXT  # noqa: E402
-from tiny_models import small_dpo_config, tiny_llama  # noqa: E402
+from tiny_models import small_dpo_config, tiny_causal_lm, tiny_llama  # noqa: E402
 
 from trl_longreward.trainer import LongContextDPOTrainer  # noqa: E402
 
@@ -143,7 +143,7 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs) -> None:
         trainer = self.trainer
         assert trainer is not None
-        params = sorted((n, p) for n, p in trainer.model.named_parameters())
+        params = sorted((n, p) for n, p in trainer.model.named_parameters() if p.requires_grad)
         optimizer_state = optimizer_tensors(trainer.optimizer)
         self.steps.append(
             {
@@ -158,24 +158,65 @@ class Recorder(TrainerCallback):
             torch.save(snapshot, self.save_dir / f"params-step{state.global_step}.pt")
 
 
+#: model families of `--family`: a full-attention one (tiny_llama: 2 query heads, 1 key/value head) and a hybrid one
+#: (Qwen2, a sliding-window layer of 16 tokens then a full one, 4 query heads, 2 key/value heads)
+FAMILIES = ("llama", "qwen2-hybrid")
+
+
+def build_model(path: Path, family: str) -> str:
+    if family == "llama":
+        return tiny_llama(path, pad_with_eos=True)
+    from transformers import AutoTokenizer
+
+    from trl_longreward.models import default_model_path
+
+    vocab = len(AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True))
+    return tiny_causal_lm(
+        path,
+        "qwen2",
+        vocab_size=vocab,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        layer_types=["sliding_attention", "full_attention"],
+        use_sliding_window=True,
+        sliding_window=16,
+    )
+
+
 def build_trainer(
-    output_dir: Path, *, ties: dict[int, Any], num_prompts: int, save_params: bool, **config: Any
+    output_dir: Path,
+    *,
+    ties: dict[int, Any],
+    num_prompts: int,
+    save_params: bool,
+    family: str = "llama",
+    lora: bool = False,
+    **config: Any,
 ) -> tuple[LongContextDPOTrainer, Recorder]:
     """A trainer on `num_prompts` prompts, with `FixedSampler` and `LengthReward`, prompts taken in order; `config`
-    overrides `small_dpo_config`. The model is built in `output_dir/model` (seed 0: the same in every process)."""
+    overrides `small_dpo_config`. The model (`family`, with LoRA adapters when `lora`) is built in
+    `output_dir/model` (seed 0: the same in every process)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = tiny_llama(output_dir / "model", pad_with_eos=True)
+    model_path = build_model(output_dir / "model", family)
     config.setdefault("train_sampling_strategy", "sequential")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         config.setdefault("ddp_backend", "gloo")
     args = small_dpo_config(output_dir / "trainer", max_completion_length=8, **config)
     recorder = Recorder(output_dir if save_params else None)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        torch.manual_seed(0)  # LoRA's A matrices: the same in every process
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
     trainer = LongContextDPOTrainer(
         model=model_path,
         args=args,
         train_dataset=prompt_rows(num_prompts),
         reward_funcs=[LengthReward(ties)],
         callbacks=[recorder],
+        peft_config=peft_config,
     )
     trainer.sampler = FixedSampler(trainer.processing_tokenizer, args.num_generations)
     recorder.trainer = trainer
@@ -197,7 +238,11 @@ def run(output_dir: Path, *, ties: dict[int, Any], num_prompts: int = 4, **confi
     # every rank builds its own (identical) copy of the model: no file is read while another process writes it
     workdir = output_dir / f"rank{rank}"
     trainer, recorder = build_trainer(workdir, ties=ties, num_prompts=num_prompts, save_params=rank == 0, **config)
-    initial = sorted((n, p.detach().to("cpu", torch.float32).clone()) for n, p in trainer.model.named_parameters())
+    initial = sorted(
+        (n, p.detach().to("cpu", torch.float32).clone())
+        for n, p in trainer.model.named_parameters()
+        if p.requires_grad
+    )
     if rank == 0:
         torch.save(dict(initial), workdir / "params-step0.pt")
     trainer.train()
@@ -224,6 +269,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--loss_type", default="sigmoid,sft", help="TRL's loss_type, comma-separated.")
     parser.add_argument("--loss_weights", default="1.0,0.1", help="TRL's loss_weights, comma-separated.")
+    parser.add_argument("--sp_size", type=int, default=1, help="Sequence-parallel group size.")
+    parser.add_argument("--family", choices=FAMILIES, default="llama")
+    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters instead of every weight.")
     return parser.parse_args()
 
 
@@ -238,6 +286,9 @@ def main() -> None:
         gradient_accumulation_steps=cli.gradient_accumulation_steps,
         loss_type=cli.loss_type.split(","),
         loss_weights=[float(w) for w in cli.loss_weights.split(",")],
+        sp_size=cli.sp_size,
+        family=cli.family,
+        lora=cli.lora,
     )
 
 

@@ -162,6 +162,13 @@ class LongContextDPOConfig(DPOConfig):
             mask: memory linear in the prompt length); a flex_attention model gets a FlexAttention `BlockMask`
             (no L x L tensor either); an eager model, which computes L x L scores anyway, a dense mask.
             `"dense"`: one [B, 1, L, L] boolean mask for sdpa too (quadratic memory: 4 GiB at 64k tokens).
+        sp_size (`int`, *optional*, defaults to `1`):
+            Sequence parallelism (Ulysses; Accelerate's name for its size): groups of `sp_size` consecutive ranks
+            train the same pairs, each rank holding 1/sp_size of every packed row; all-to-alls give each rank a
+            share of the attention heads over the whole row. The ranks of a group exchange the pairs they sampled
+            and judged (each prompt is generated and judged once), the loss and metrics count each pair once, and
+            DDP / ZeRO / FSDP average over the groups. Needs prompt-once with sdpa attention, attention heads
+            divisible by `sp_size`, and `world_size` divisible by it; see `trainer/sequence_parallel.py`.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["long_reward", "chat_template_kwargs"]
@@ -317,6 +324,14 @@ class LongContextDPOConfig(DPOConfig):
         },
     )
 
+    sp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Sequence parallelism: ranks per group that share each packed row (Ulysses all-to-all over the "
+            "attention heads); 1 = off."
+        },
+    )
+
     def check_judge_wait_fits(self, world_size: int, judges: Iterable[Any] = ()) -> None:
         """Raise `ValueError` when one HTTP judge call can outlast the job's collective timeout.
 
@@ -405,6 +420,14 @@ class LongContextDPOConfig(DPOConfig):
             # TRL's default (on), under transformers' current name: the deprecated alias would warn on every run
             self.activation_checkpointing = True
         super().__post_init__()  # parses a JSON string given for long_reward (TRL's dict fields)
+        if not isinstance(self.sp_size, int) or self.sp_size < 1:
+            raise ValueError(f"sp_size must be a positive integer, got {self.sp_size!r}.")
+        parallelism = getattr(self, "parallelism_config", None)
+        if parallelism is not None and max(parallelism.sp_size or 1, parallelism.cp_size or 1) > 1:
+            raise ValueError(
+                "parallelism_config's sp_size / cp_size are not supported by LongContextDPOTrainer (their attention "
+                "wrappers drop the prompt-once mask): set LongContextDPOConfig.sp_size instead."
+            )
         if self.prompt_once_attention not in ("auto", "dense"):
             raise ValueError(f"prompt_once_attention must be 'auto' or 'dense', got {self.prompt_once_attention!r}.")
         if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):

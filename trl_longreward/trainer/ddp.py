@@ -50,15 +50,30 @@ class PairShares:
     window_pairs: int | None = None
     window_tokens: int | None = None
     rejected_tokens: tuple[int, ...] = ()
+    #: ranks per sequence-parallel group: its ranks train the same pairs, so each group counts once (its first rank)
+    sp_size: int = 1
 
     @property
     def world_size(self) -> int:
         return len(self.pairs)
 
     @property
+    def leaders(self) -> tuple[int, ...]:
+        """The ranks whose counts add up: every rank, or the first rank of each sequence-parallel group."""
+        return tuple(range(0, len(self.pairs), self.sp_size))
+
+    @property
     def total(self) -> int:
-        """The number of pairs of the micro-step, over all ranks."""
-        return sum(self.pairs)
+        """The number of pairs of the micro-step, over all ranks (each sequence-parallel group once)."""
+        return sum(self.pairs[r] for r in self.leaders)
+
+    @property
+    def total_chosen_tokens(self) -> int:
+        return sum(self.chosen_tokens[r] for r in self.leaders)
+
+    @property
+    def total_rejected_tokens(self) -> int:
+        return sum(self.rejected_tokens[r] for r in self.leaders) if self.rejected_tokens else 0
 
     @property
     def local(self) -> int:
@@ -78,7 +93,7 @@ class PairShares:
     @property
     def token_weight(self) -> float:
         """This rank's weight for a mean over its chosen completion tokens, likewise."""
-        total = sum(self.chosen_tokens) if self.window_tokens is None else self.window_tokens
+        total = self.total_chosen_tokens if self.window_tokens is None else self.window_tokens
         return self.world_size * self.chosen_tokens[self.rank] / total if total else 0.0
 
 
@@ -122,8 +137,8 @@ def merge_micro_step_metrics(micro_steps: Sequence[tuple[PairShares, dict[str, l
                 weight = float(shares.total)
             else:
                 weight = float(
-                    ("chosen" in kinds) * sum(shares.chosen_tokens)
-                    + ("rejected" in kinds) * sum(shares.rejected_tokens)
+                    ("chosen" in kinds) * shares.total_chosen_tokens
+                    + ("rejected" in kinds) * shares.total_rejected_tokens
                 )
             entry = merged.setdefault(key, [0.0, 0.0])
             entry[0] += weight * sum(values) / len(values)
@@ -133,14 +148,16 @@ def merge_micro_step_metrics(micro_steps: Sequence[tuple[PairShares, dict[str, l
     return out
 
 
-def gather_window_shares(accelerator: Any, counts: Sequence[tuple[int, ...]]) -> list[PairShares]:
+def gather_window_shares(accelerator: Any, counts: Sequence[tuple[int, ...]], sp_size: int = 1) -> list[PairShares]:
     """Every micro-step's `PairShares` in an accumulation window, from this rank's (pairs, chosen tokens[, rejected
-    tokens]) per micro-step, by one all-gather: every rank must call this once per window, with as many micro-steps."""
+    tokens]) per micro-step, by one all-gather: every rank must call this once per window, with as many micro-steps.
+    With `sp_size` > 1 the ranks of a group give the counts of the group's (shared) batch, counted once."""
     counts = [(*c, 0)[:3] if len(c) == 2 else tuple(c) for c in counts]
     local = torch.tensor([[n for c in counts for n in c]], dtype=torch.int64, device=accelerator.device)
     gathered = accelerator.gather(local).reshape(-1, len(counts), 3).tolist()  # [rank][micro-step][counts]
-    window_pairs = sum(micro[0] for rank in gathered for micro in rank)
-    window_tokens = sum(micro[1] for rank in gathered for micro in rank)
+    leaders = gathered[::sp_size]
+    window_pairs = sum(micro[0] for rank in leaders for micro in rank)
+    window_tokens = sum(micro[1] for rank in leaders for micro in rank)
     return [
         PairShares(
             pairs=tuple(rank[m][0] for rank in gathered),
@@ -149,6 +166,7 @@ def gather_window_shares(accelerator: Any, counts: Sequence[tuple[int, ...]]) ->
             window_pairs=window_pairs,
             window_tokens=window_tokens,
             rejected_tokens=tuple(rank[m][2] for rank in gathered),
+            sp_size=sp_size,
         )
         for m in range(len(counts))
     ]
@@ -189,7 +207,7 @@ class PairMetricsAccelerator:
         shares = self._shares
         if tensor.dim() == 0:
             values = self._accelerator.gather(tensor).reshape(-1)  # one process gives the scalar back as it is
-            keep = [r for r, n in enumerate(shares.pairs) if n > 0]
+            keep = [r for r in shares.leaders if shares.pairs[r] > 0]
             return values[torch.tensor(keep, dtype=torch.long, device=values.device)]
         rows = shares.rows
         if tensor.shape[0] != rows[shares.rank]:
@@ -201,7 +219,7 @@ class PairMetricsAccelerator:
             padding = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
             tensor = torch.cat([tensor, padding])
         pieces = self._accelerator.gather(tensor).split(longest)
-        return torch.cat([piece[:n] for piece, n in zip(pieces, shares.pairs, strict=True)])
+        return torch.cat([pieces[r][: shares.pairs[r]] for r in shares.leaders])
 
     def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
         if use_gather_object or not isinstance(input_data, torch.Tensor):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +184,7 @@ class PackedPairs:
     spans: list[tuple[int, int, int]] = field(default_factory=list)
     attention: str = "split"  # how sdpa models get their mask: "split" (no L x L mask) or "dense"
     split_calls: int = 0  # split attention calls in the current forward (each layer must make one)
+    sp: Any = None  # the `SequenceParallelGroup` whose ranks each hold a slice of the row (None: no SP)
     _masks: dict[tuple, Any] = field(default_factory=dict, repr=False)  # built masks, shared by policy and reference
 
     @property
@@ -269,6 +271,7 @@ def pack_pairs(
     pad_token_id: int = 0,
     pad_to_multiple_of: int = 1,
     attention: str = "split",
+    sp: Any = None,
 ) -> PackedPairs | None:
     """Pack a `DataCollatorForPreference` batch (chosen rows first, right-padded) into one row per pair.
 
@@ -318,6 +321,8 @@ def pack_pairs(
         spans.append((p - 1, chosen + 1, rejected + 1))
 
     length = max(ids.shape[0] for ids, _, _ in rows)
+    if sp is not None:  # every rank of the group holds an equal slice
+        pad_to_multiple_of = math.lcm(pad_to_multiple_of, sp.size)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     device = input_ids.device
     packed_ids = torch.full((num_pairs, length), pad_token_id, dtype=input_ids.dtype)
@@ -351,6 +356,7 @@ def pack_pairs(
         valid=valid.to(device),
         spans=spans,
         attention=attention,
+        sp=sp,
     )
 
 
@@ -414,9 +420,19 @@ def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dty
             active.append(False)
             return args, kwargs
         kwargs = dict(kwargs)
-        kwargs["labels"] = packed.pack_labels(kwargs["labels"])
-        kwargs["input_ids"] = packed.input_ids
-        kwargs["position_ids"] = packed.position_ids
+        labels = packed.pack_labels(kwargs["labels"])
+        if packed.sp is None:
+            kwargs["labels"] = labels
+            kwargs["input_ids"] = packed.input_ids
+            kwargs["position_ids"] = packed.position_ids
+        else:  # this rank's slice, with the labels shifted over the whole row (TRL's fused head takes them so)
+            from .sequence_parallel import local_slice
+
+            shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+            kwargs["labels"] = None
+            kwargs["shift_labels"] = local_slice(shifted, packed.sp)
+            kwargs["input_ids"] = local_slice(packed.input_ids, packed.sp)
+            kwargs["position_ids"] = local_slice(packed.position_ids, packed.sp)
         kwargs["attention_mask"] = packed.masks_for(layout, attention_implementation(module), dtype)
         packed.split_calls = 0
         if getattr(text_config(module), "output_router_logits", False) and "output_router_logits" not in kwargs:
@@ -432,6 +448,10 @@ def prompt_once_forward(modules: list[torch.nn.Module], packed: PackedPairs, dty
         for name in _PER_TOKEN_FIELDS:
             value = getattr(output, name, None)
             if value is not None:
+                if packed.sp is not None:  # the slices' scores of the shifted row -> the row's [B, L - 1]
+                    from .sequence_parallel import gather_sequence
+
+                    value = gather_sequence(value, packed.sp)[:, :-1]
                 output[name] = packed.unpack(value)
         return output
 
@@ -489,6 +509,8 @@ def _install_split_dispatch() -> None:
         spec = getattr(attention_mask, _MARKER_ATTRIBUTE, None)
         if spec is None:
             return original(module, query, key, value, attention_mask, *args, **kwargs)
+        if spec.packed.sp is not None:
+            return _ulysses_attention(module, query, key, value, spec, *args, **kwargs)
         return split_attention(module, query, key, value, spec, *args, **kwargs)
 
     AttentionInterface.register("sdpa", sdpa_or_split)
@@ -540,7 +562,7 @@ def split_attention(
         raise ValueError("prompt-once split attention does not take a position bias")
     packed, pattern = spec.packed, spec.pattern
     packed.split_calls += 1
-    groups = getattr(module, "num_key_value_groups", 1)
+    groups = kwargs.pop("groups", None) or getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -582,4 +604,21 @@ def split_attention(
             parts.append(v[:, :, end:])  # padding queries see themselves only
         rows.append(torch.cat(parts, dim=2))
     output = torch.cat(rows, dim=0)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _ulysses_attention(module, query, key, value, spec: _SplitSpec, *args, **kwargs) -> tuple[torch.Tensor, None]:
+    """Split attention under sequence parallelism: q/k/v of this rank's sequence slice ([B, H, L/S, D]) become its
+    head slice over the whole row (all-to-all), attend with the row's global layout, and return to the slice."""
+    from .sequence_parallel import heads_to_seq, seq_to_heads
+
+    sp = spec.packed.sp
+    groups = getattr(module, "num_key_value_groups", 1)
+    if key.shape[1] % sp.size:  # fewer key/value heads than ranks: every rank takes its query heads' copies
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value, groups = repeat_kv(key, groups), repeat_kv(value, groups), 1
+    query, key, value = (seq_to_heads(t, sp) for t in (query, key, value))
+    output, _ = split_attention(module, query, key, value, spec, *args, groups=groups, **kwargs)
+    output = heads_to_seq(output.transpose(1, 2).contiguous(), sp)  # [B, H, L/S, D]
     return output.transpose(1, 2).contiguous(), None

@@ -67,8 +67,16 @@ from .model_card import long_reward_card_section, public_name
 from .offline import OfflinePairs, check_offline_columns
 from .outage import JudgeUnavailableError, no_pairs_message
 from .pair_buffer import PairBuffer
-from .prompt_once import pack_pairs, prompt_once_forward, unsupported_reason
+from .prompt_once import (
+    attention_implementation,
+    attention_layout,
+    pack_pairs,
+    prompt_once_forward,
+    text_config,
+    unsupported_reason,
+)
 from .rewards import check_reward_weights, describe_reward, score_samples
+from .sequence_parallel import build_groups, head_divisibility_reason, union_within_group
 from .window_metrics import merge_payloads, window_payload
 
 _PAIR_SHARES = "pair_shares"
@@ -271,6 +279,37 @@ class LongContextDPOTrainer(DPOTrainer):
         # shuffle (prompts judged twice and never within one epoch). Every rank gets args.data_seed, else args.seed.
         self.accelerator.dataloader_config.data_seed = args.data_seed if args.data_seed is not None else args.seed
         set_seed(args.seed, device_specific=True)
+        self.sp = self._sequence_parallel_group(args)
+
+    def _sequence_parallel_group(self, args: LongContextDPOConfig) -> Any:
+        """This rank's sequence-parallel group (`sequence_parallel.py`), after checking that the model can run it."""
+        if args.sp_size <= 1:
+            return None
+        models = [self.accelerator.unwrap_model(self.model)]
+        if self.ref_model is not None:
+            models.append(self.accelerator.unwrap_model(self.ref_model))
+        reasons = []
+        if not args.prompt_once or args.prompt_once_attention != "auto":
+            reasons.append("it runs prompt-once split attention (prompt_once=True, prompt_once_attention='auto')")
+        for model in models:
+            attn = attention_implementation(model)
+            if attn != "sdpa":
+                reasons.append(f"the attention implementation is sdpa (this model has {attn!r})")
+            layout, reason = attention_layout(model)
+            if layout is None:
+                reasons.append(f"the attention layout is known ({reason})")
+            reason = head_divisibility_reason(text_config(model), args.sp_size)
+            if reason is not None:
+                reasons.append(f"the heads split over the ranks ({reason})")
+        if getattr(self, "aux_loss_enabled", False):
+            reasons.append("no MoE router auxiliary loss is on (set router_aux_loss_coef=0.0)")
+        if reasons:
+            raise ValueError(
+                f"sp_size={args.sp_size} (Ulysses sequence parallelism) needs that "
+                + "; that ".join(dict.fromkeys(reasons))
+                + "."
+            )
+        return build_groups(args.sp_size)
 
     # ----- data -----
 
@@ -340,6 +379,10 @@ class LongContextDPOTrainer(DPOTrainer):
         metrics = self._metrics["train"]
         before = metrics_snapshot(metrics)
         loss = super().training_step(model, batch, num_items_in_batch)
+        if self.sp is not None:
+            # each rank of a group backpropagated the group's loss at its pair weight (its slice's part of the
+            # gradient); the logged loss, an average over all ranks, counts the group once
+            loss = loss / self.sp.size
         # TRL's DPO metrics of this micro-step: merged over the window, weighted by pairs, at its end
         window.loss_metrics.append((shares, metrics_added_since(metrics, before)))
         drop_metrics_since(metrics, before)
@@ -399,15 +442,19 @@ class LongContextDPOTrainer(DPOTrainer):
         batches, local = [], []
         for rows, step, extra in zip(window, steps, offline, strict=True):
             examples = step.online + extra
+            if self.sp is not None:  # the group trains the union of its ranks' pairs, each rank a slice of it
+                examples = union_within_group(self.sp, examples)
             num_pairs = len(examples)
             if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
                 first = step.samples[0][0]["completion_ids"]
                 examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
+                if self.sp is not None:  # the group's ranks run one row together: the first rank's stand-in
+                    examples = union_within_group(self.sp, examples)[:1]
             batch = self.preference_collator(examples)
             batches.append(batch)
             tokens = (chosen_completion_tokens(batch), rejected_completion_tokens(batch)) if num_pairs else (0, 0)
             local.append((num_pairs, *tokens))
-        shares = gather_window_shares(self.accelerator, local)
+        shares = gather_window_shares(self.accelerator, local, sp_size=self.args.sp_size)
         # 5. kept
         if repeat:
             self.pair_buffer.advance()
@@ -615,8 +662,12 @@ class LongContextDPOTrainer(DPOTrainer):
                 self.processing_tokenizer.pad_token_id,
                 pad_to_multiple_of=self.args.pad_to_multiple_of or 1,
                 attention="dense" if self.args.prompt_once_attention == "dense" else "split",
+                sp=self.sp,
             )
             reason = None if packed is not None else "the rows of a pair do not share the same prompt"
+        if packed is None and self.sp is not None:
+            # every rank of the group holds the same batch: TRL's two rows on each would count it sp_size times
+            raise RuntimeError(f"sp_size={self.args.sp_size}: this batch cannot run prompt-once because {reason}.")
         if packed is None:
             if reason not in self._prompt_once_warned:
                 self._prompt_once_warned.add(reason)
