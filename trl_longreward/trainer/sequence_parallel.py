@@ -3,9 +3,11 @@ one slice of every packed row.
 
 `sp_size` = S consecutive ranks form a group; the groups are the data-parallel replicas (DP = world / S).
 
-- **Pairs** (`union_within_group`): every rank samples and judges its own prompts as without SP (each prompt is
-  generated and judged once, by one rank of the group), then the group's ranks exchange their pairs, so that each
-  holds the union in the same order and collates the same batch.
+- **Pairs** (`exchange_within_group`): every rank samples and judges its own prompts as without SP (each prompt is
+  generated and judged once, by one rank), then the ranks of a group exchange their micro-batches of pairs and
+  train them one after the other, all together: a rank's micro-step runs one forward and backward per rank of its
+  group (no gradient reduction until the last), each on 1/S of the rows. A rank thus holds, at any time, the
+  activations of `per_device_train_batch_size` rows of length L / S.
 - **Forward** (`prompt_once.prompt_once_forward`): the packed row [B, L] (L padded to a multiple of S) is cut into
   S slices along the sequence; each rank runs the model on its slice with its position ids and the labels shifted
   over the whole row (TRL's fused head scores pre-shifted `shift_labels`). In every attention layer, an all-to-all
@@ -66,11 +68,11 @@ def head_divisibility_reason(config: Any, sp_size: int) -> str | None:
     return None
 
 
-def union_within_group(sp: SequenceParallelGroup, items: list[Any]) -> list[Any]:
-    """The concatenation, in group-rank order, of every group rank's `items` (the same list on each of them)."""
+def exchange_within_group(sp: SequenceParallelGroup, item: Any) -> list[Any]:
+    """Every group rank's `item`, in group-rank order (the same list on each of them)."""
     gathered: list[Any] = [None] * sp.size
-    dist.all_gather_object(gathered, items, group=sp.group)
-    return [item for part in gathered for item in part]
+    dist.all_gather_object(gathered, item, group=sp.group)
+    return gathered
 
 
 def _all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:

@@ -27,6 +27,7 @@ and pairs, when the step that trains on them takes them (the HTML report's `Judg
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -38,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from datasets import Dataset
+from transformers.distributed.fsdp import is_fsdp_managed_module
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_callable_name
@@ -76,7 +78,7 @@ from .prompt_once import (
     unsupported_reason,
 )
 from .rewards import check_reward_weights, describe_reward, score_samples
-from .sequence_parallel import build_groups, head_divisibility_reason, union_within_group
+from .sequence_parallel import build_groups, exchange_within_group, head_divisibility_reason
 from .window_metrics import merge_payloads, window_payload
 
 _PAIR_SHARES = "pair_shares"
@@ -134,11 +136,12 @@ class _StepPairs:
 @dataclass
 class _Window:
     """One optimizer step's accumulation window on this rank, prepared by `_online_step`: per micro-step its pairs,
-    its preference batch and its share of the step's pairs; and what its micro-steps add as they train."""
+    its preference batches and their shares of the step's pairs (one batch; under sequence parallelism one per
+    rank of the group, trained by the group in turn); and what its micro-steps add as they train."""
 
     steps: list[_StepPairs]
-    batches: list[dict[str, Any]]
-    shares: list[PairShares]
+    batches: list[list[dict[str, Any]]]
+    shares: list[list[PairShares]]
     generation_s: float = 0.0
     training_s: float = 0.0
     loss_metrics: list[tuple[PairShares, dict[str, list]]] = field(default_factory=list)
@@ -373,22 +376,16 @@ class LongContextDPOTrainer(DPOTrainer):
             self._prepared = self._online_step(model, self._window)
         window = self._prepared
         began = time.perf_counter()
-        shares = window.shares[position]
-        batch = dict(window.batches[position])
-        batch[_PAIR_SHARES] = shares
-        metrics = self._metrics["train"]
-        before = metrics_snapshot(metrics)
-        loss = super().training_step(model, batch, num_items_in_batch)
+        parts = list(zip(window.batches[position], window.shares[position], strict=True))
+        losses = []
+        for index, (part, shares) in enumerate(parts):
+            with self._deferred_sync(model, defer=index < len(parts) - 1):
+                losses.append(self._train_part(model, part, shares, num_items_in_batch, window))
+        loss = losses[0] if len(losses) == 1 else sum(losses[1:], losses[0])
         if self.sp is not None:
-            # each rank of a group backpropagated the group's loss at its pair weight (its slice's part of the
-            # gradient); the logged loss, an average over all ranks, counts the group once
+            # each rank of a group backpropagated the group's losses at their pair weights (its slice's part of the
+            # gradient); the logged loss, an average over all ranks, counts each group once
             loss = loss / self.sp.size
-        # TRL's DPO metrics of this micro-step: merged over the window, weighted by pairs, at its end
-        window.loss_metrics.append((shares, metrics_added_since(metrics, before)))
-        drop_metrics_since(metrics, before)
-        gate = step_gate(self.optimizer)
-        if gate is not None:  # no pair on any rank in the whole window: the optimizer step is skipped
-            gate.add(shares.total, sync=self.accelerator.sync_gradients)
         step = window.steps[position]
         if step.batch is not None:
             self.judging.trained(step.batch)
@@ -396,6 +393,43 @@ class LongContextDPOTrainer(DPOTrainer):
         if position == len(window.steps) - 1:
             self._log_window_end(window)
         return loss
+
+    def _train_part(self, model, part, shares: PairShares, num_items_in_batch, window: _Window):
+        """Forward and backward of one preference batch, its loss weighted by its share of the window's pairs."""
+        batch = dict(part)
+        batch[_PAIR_SHARES] = shares
+        metrics = self._metrics["train"]
+        before = metrics_snapshot(metrics)
+        loss = super().training_step(model, batch, num_items_in_batch)
+        # TRL's DPO metrics of this batch: merged over the window, weighted by pairs, at its end
+        window.loss_metrics.append((shares, metrics_added_since(metrics, before)))
+        drop_metrics_since(metrics, before)
+        gate = step_gate(self.optimizer)
+        if gate is not None:  # no pair on any rank in the whole window: the optimizer step is skipped
+            gate.add(shares.total, sync=self.accelerator.sync_gradients)
+        return loss
+
+    @contextlib.contextmanager
+    def _deferred_sync(self, model, *, defer: bool):
+        """Around a batch that is not the micro-step's last: no gradient reduction and no optimizer step yet (the
+        training loop's own `no_sync` for DDP / FSDP, Accelerate's sync flag for DeepSpeed's boundary)."""
+        if not defer:
+            yield
+            return
+        gradient_state = self.accelerator.gradient_state
+        sync = gradient_state.sync_gradients
+        gradient_state._set_sync_gradients(False)
+        try:
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                yield
+            elif self.is_distributed_loading_by_transformers and is_fsdp_managed_module(self.model):
+                with self._defer_fsdp_gradient_reduction():
+                    yield
+            else:
+                with self.accelerator.no_sync(model):
+                    yield
+        finally:
+            gradient_state._set_sync_gradients(sync)
 
     def _online_step(self, model, window: list[list[dict[str, Any]]]) -> _Window:
         """The online part of one optimizer step, for its whole accumulation window on this rank, before any of its
@@ -442,19 +476,22 @@ class LongContextDPOTrainer(DPOTrainer):
         batches, local = [], []
         for rows, step, extra in zip(window, steps, offline, strict=True):
             examples = step.online + extra
-            if self.sp is not None:  # the group trains the union of its ranks' pairs, each rank a slice of it
-                examples = union_within_group(self.sp, examples)
-            num_pairs = len(examples)
-            if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
-                first = step.samples[0][0]["completion_ids"]
-                examples = [{"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}]
-                if self.sp is not None:  # the group's ranks run one row together: the first rank's stand-in
-                    examples = union_within_group(self.sp, examples)[:1]
-            batch = self.preference_collator(examples)
-            batches.append(batch)
-            tokens = (chosen_completion_tokens(batch), rejected_completion_tokens(batch)) if num_pairs else (0, 0)
-            local.append((num_pairs, *tokens))
-        shares = gather_window_shares(self.accelerator, local, sp_size=self.args.sp_size)
+            # keep this rank in DDP's collectives without pairs: a stand-in pair, weighted 0 and in no metric
+            first = step.samples[0][0]["completion_ids"]
+            stand_in = {"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}
+            # under sequence parallelism the group trains each of its ranks' pairs in turn, every rank a slice
+            parts = [(examples, stand_in)] if self.sp is None else exchange_within_group(self.sp, (examples, stand_in))
+            batches.append([])
+            for pairs, fallback in parts:
+                batch = self.preference_collator(pairs or [fallback])
+                batches[-1].append(batch)
+                tokens = (chosen_completion_tokens(batch), rejected_completion_tokens(batch)) if pairs else (0, 0)
+                local.append((len(pairs), *tokens))
+        per_part = gather_window_shares(self.accelerator, local, sp_size=self.args.sp_size)
+        shares, taken = [], 0
+        for parts in batches:
+            shares.append(per_part[taken : taken + len(parts)])
+            taken += len(parts)
         # 5. kept
         if repeat:
             self.pair_buffer.advance()
