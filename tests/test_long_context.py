@@ -138,3 +138,20 @@ def test_a_marker_that_misses_the_split_function_fails_loudly(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="attention layers ran the split attention"):
         _assert_equivalent(trainer)
     assert AttentionInterface._global_mapping["sdpa"] is not dispatcher
+
+
+def test_sequence_parallelism_refuses_what_it_cannot_run(tmp_path):
+    """At construction, with every reason: heads that do not split over the ranks, an attention without the split
+    path, a dense mask; and a run that is not distributed."""
+    path = tiny_llama(tmp_path / "m", hidden_size=64, seed=3)  # 2 attention heads
+    with pytest.raises(ValueError) as refused:
+        _trainer(path, tmp_path, attn="eager", sp_size=4, prompt_once_attention="dense")
+    message = str(refused.value)
+    assert "sp_size=4" in message and "num_attention_heads=2 is not divisible by sp_size=4" in message
+    assert "this model has 'eager'" in message and "prompt_once_attention='auto'" in message
+    with pytest.raises(ValueError, match="needs a distributed launch"):
+        _trainer(path, tmp_path, sp_size=2)
+    from trl_longreward import LongContextDPOConfig
+
+    with pytest.raises(ValueError, match="sp_size must be a positive integer"):
+        LongContextDPOConfig(output_dir=str(tmp_path), sp_size=0, use_cpu=True)
