@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,34 +39,54 @@ MODELS.setdefault(  # small enough that a 32k-token step runs in about a minute 
     "mem",
     dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
 )
+MODELS.setdefault(  # Llama-3.1-8B's shape (the GPU script's model)
+    "8b",
+    dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8
+    ),
+)
+#: --modes: TRL's two rows, prompt-once with the dense mask, prompt-once with split attention
+MODES = {"two_rows": dict(prompt_once=False), "dense": dict(prompt_once_attention="dense"), "split": {}}
 
 
-def make_trainer(model_path: str, attention: str, device: str, sp_size: int = 1):
+def make_trainer(
+    model_path: str, mode: str, device: str, sp_size: int = 1, lora: bool = False, checkpointing: bool = False
+):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     from trl_longreward import LongContextDPOConfig, LongContextDPOTrainer
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args = LongContextDPOConfig(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
         use_cpu=device == "cpu",
-        bf16=False,
+        bf16=dtype == torch.bfloat16,
         per_device_train_batch_size=1,
         max_length=None,
-        gradient_checkpointing=False,
-        model_init_kwargs={"attn_implementation": "sdpa", "dtype": torch.float32},
-        prompt_once_attention=attention,
+        gradient_checkpointing=checkpointing,
+        model_init_kwargs={"attn_implementation": "sdpa", "dtype": dtype},
         sp_size=sp_size,
-        ddp_backend="gloo" if sp_size > 1 else None,
+        ddp_backend=("gloo" if device == "cpu" else "nccl") if sp_size > 1 else None,
+        **MODES[mode],
     )
-    return LongContextDPOTrainer(
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    trainer = LongContextDPOTrainer(
         model=model_path,
         args=args,
         train_dataset=Dataset.from_list([{"context": "a", "question": "b"}]),
         processing_class=AutoTokenizer.from_pretrained(model_path),
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        peft_config=peft_config,
     )
+    if checkpointing:  # Trainer turns it on in train(), which this benchmark does not run
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return trainer
 
 
 def batch_for(length: int, response_tokens: int, vocab: int, device: torch.device) -> dict:
@@ -102,7 +123,11 @@ def step(trainer, batch: dict, device: str) -> tuple[float, float]:
     trainer.current_gradient_accumulation_steps = 1
     release_freed_memory()
     with PeakMemory(device) as memory:
+        started = time.perf_counter()
         loss = DPOTrainer.training_step(trainer, model, dict(batch))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        trainer.last_step_s = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
     return memory.peak, float(loss)
 
@@ -121,7 +146,7 @@ def build(work: Path, model: str, max_positions: int) -> tuple[str, int]:
 def sp_child(args: argparse.Namespace) -> None:
     """One rank of the SP run (under torchrun): the longest length's step, its peak written to args.sp_child."""
     model_path = str(Path(args.sp_child).parent / "model")
-    trainer = make_trainer(model_path, "auto", args.device, sp_size=args.sp_size)
+    trainer = make_trainer(model_path, "split", args.device, sp_size=args.sp_size, lora=args.lora)
     vocab = trainer.model.config.vocab_size
     batch = batch_for(max(args.lengths), args.response_tokens, vocab, trainer.accelerator.device)
     step(trainer, batch, args.device)  # warm-up
@@ -138,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response-tokens", type=int, default=64)
     parser.add_argument("--dense-max", type=int, default=16384, help="longest prompt run with the dense mask")
     parser.add_argument("--sp-size", type=int, default=2, help="0: no SP run")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["dense", "split"])
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters (r 16, all linear layers)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--longest", action="store_true", help="per mode, stop at the first length that runs out of memory"
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--sp-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -147,29 +178,46 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp())
     model_path, vocab = build(work, args.model, max(args.lengths) + 2 * args.response_tokens + 8)
-    trainers = {mode: make_trainer(model_path, mode, args.device) for mode in ("dense", "auto")}
-    device = trainers["auto"].accelerator.device
-    results = []
+    options = dict(lora=args.lora, checkpointing=args.gradient_checkpointing)
+    trainers = {mode: make_trainer(model_path, mode, args.device, **options) for mode in args.modes}
+    device = next(iter(trainers.values())).accelerator.device
+    results, out_of_memory = [], set()
     for length in args.lengths:
         batch = batch_for(length, args.response_tokens, vocab, device)
         row = {"prompt_tokens": length, "response_tokens": args.response_tokens}
         for mode, trainer in trainers.items():
-            name = "dense" if mode == "dense" else "split"
-            if mode == "dense" and length > args.dense_max:
-                row[f"{name}_peak_gib"] = None
+            if (mode == "dense" and length > args.dense_max) or mode in out_of_memory:
+                row[f"{mode}_peak_gib"] = None
                 continue
-            step(trainer, batch, args.device)  # warm-up
-            row[f"{name}_peak_gib"], row[f"{name}_loss"] = step(trainer, batch, args.device)
-        if row.get("dense_loss") is not None:
-            row["loss_abs_diff"] = abs(row["dense_loss"] - row["split_loss"])
+            try:
+                step(trainer, batch, args.device)  # warm-up
+                row[f"{mode}_peak_gib"], row[f"{mode}_loss"] = step(trainer, batch, args.device)
+                tokens = length + 2 * args.response_tokens - 16
+                row[f"{mode}_tokens_per_s"] = tokens / trainer.last_step_s
+            except torch.OutOfMemoryError:
+                row[f"{mode}_peak_gib"] = "out of memory"
+                if args.longest:
+                    out_of_memory.add(mode)
+                trainer.model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+        losses = [row[f"{m}_loss"] for m in args.modes if f"{m}_loss" in row]
+        if len(losses) > 1:
+            row["loss_max_abs_diff"] = max(losses) - min(losses)
         results.append(row)
-        dense = f"{row['dense_peak_gib']:.3f} GiB" if row["dense_peak_gib"] is not None else "not run"
-        print(f"P={length:>6}  dense {dense:>12} | split {row['split_peak_gib']:.3f} GiB", flush=True)
+        cells = []
+        for m in args.modes:
+            peak = row[f"{m}_peak_gib"]
+            cells.append(f"{m} {peak:.3f} GiB" if isinstance(peak, float) else f"{m} {peak or 'not run'}")
+        print(f"P={length:>6}  " + " | ".join(cells), flush=True)
+    if "split" not in args.modes or not isinstance(results[-1].get("split_peak_gib"), float):
+        if args.json:
+            Path(args.json).write_text(json.dumps({"config": vars(args), "results": results}, indent=2) + "\n")
+        return 0
     first, last = results[0], results[-1]
     growth = last["split_peak_gib"] / first["split_peak_gib"]
     linear = last["prompt_tokens"] / first["prompt_tokens"]
     summary = {"split_growth": growth, "linear_growth": linear, "split_growth_vs_linear": growth / linear}
-    dense_rows = [r for r in results if r["dense_peak_gib"] is not None]
+    dense_rows = [r for r in results if isinstance(r.get("dense_peak_gib"), float)]
     if len(dense_rows) > 1:
         d_growth = dense_rows[-1]["dense_peak_gib"] / dense_rows[0]["dense_peak_gib"]
         d_linear = dense_rows[-1]["prompt_tokens"] / dense_rows[0]["prompt_tokens"]
@@ -189,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "--master_addr", "127.0.0.1", "--master_port", "29577", str(Path(__file__).resolve()),
             "--sp-child", str(out), "--sp-size", str(args.sp_size), "--device", args.device,
             "--lengths", str(max(args.lengths)), "--response-tokens", str(args.response_tokens),
-        ]  # fmt: skip
+        ] + (["--lora"] if args.lora else [])  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.sp_size)))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         subprocess.run(command, check=True, env=env, cwd=REPO)
@@ -211,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "model": args.model,
             "shape": MODELS[args.model],
-            "dtype": "float32",
+            "dtype": "bfloat16" if args.device == "cuda" else "float32",
+            "lora": args.lora,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "attn": "sdpa",
             "measure": "peak RSS added by one training_step (CPU) / CUDA allocator peak (GPU)",
         },
