@@ -265,6 +265,33 @@ def test_engine_trains_qlora_like_ddp(
     assert difference <= 1e-5, f"{engine} (qlora) ended {difference} away from DDP ({name})"
 
 
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_sequence_parallelism_under_the_engine_trains_like_ddp(
+    engine: str, tmp_path: Path, ddp_parameters: Callable[..., dict[str, torch.Tensor]]
+) -> None:
+    """`sp_size=2` on the 2 ranks (one group) under the engine: each rank samples its own prompt and has it judged
+    over HTTP, the group trains both ranks' pairs one after the other, each rank holding half of every packed row;
+    the parameters after two steps are DDP's without sequence parallelism (itself one process's step on the union,
+    tests/test_ddp_uneven.py)."""
+    if engine != "fsdp2":
+        require_deepspeed()
+    with ScriptedOpenAIServer(ScriptedLongRewardJudge(helpfulness=digest_score)) as server:
+        args = ["--mode", "full", "--tag", "sp", "--sp_size", "2", "--max_steps", str(MAX_STEPS)]
+        code, output, _ = launch(CONFIGS / CPU_CONFIGS[engine], tmp_path, server.base_url, *args)
+    check_finished(code, output, f"{engine} with sp_size=2")
+    runs = records(tmp_path, "sp")
+    for record in runs:
+        assert record["engine"] == engine and record["sp_size"] == 2 and record["global_step"] == MAX_STEPS, record
+        assert len(record["generations"]) == MAX_STEPS, record["generations"]  # each rank sampled its own prompt
+        # per step, one forward of the policy per rank of the group, each on ONE packed row cut in half
+        forwards = record["dpo_forwards"]
+        assert len(forwards) == 2 * MAX_STEPS and all(f["mask_dim"] == 4 for f in forwards), forwards
+    assert runs[0]["dpo_forwards"] == runs[1]["dpo_forwards"]  # the same slices' shapes on both ranks
+    assert runs[0]["before"] != runs[0]["after"] == runs[1]["after"]
+    difference, name = max_difference(parameters(tmp_path, "sp"), ddp_parameters("full", MAX_STEPS))
+    assert difference <= 1e-5, f"{engine} with sp_size=2 ended {difference} away from DDP ({name})"
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_ranks_with_different_lengths_and_pairs_stay_in_step(engine: str, tmp_path: Path) -> None:
     """Rank 0's responses all end after 1 token while rank 1's run to the limit (so the ranks' `generate` calls run

@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--async_judging", action="store_true", help="Judge the next step's samples in the background."
     )
+    parser.add_argument("--sp_size", type=int, default=1, help="Sequence-parallel group size.")
     parser.add_argument(
         "--pairless_rank",
         type=int,
@@ -269,6 +270,7 @@ def main() -> None:
         use_cpu=not on_gpu and not deepspeed_launch,
         ddp_backend=None if on_gpu else "gloo",
         ddp_timeout=cli.ddp_timeout,
+        sp_size=cli.sp_size,
         per_device_train_batch_size=1,
         max_steps=cli.max_steps,
         num_generations=cli.num_generations,
@@ -349,6 +351,7 @@ def main() -> None:
         "wrapped": type(trainer.model_wrapped).__name__,
         "model": type(model).__name__,
         "mode": cli.mode,
+        "sp_size": cli.sp_size,
         "trainable": sum(p.numel() for p in after.values()),
         "global_step": trainer.state.global_step,
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
