@@ -74,6 +74,7 @@ LONG_FILES_FIRST = (
     "test_epoch_coverage.py",
     "test_recipe.py",
     "test_ddp_uneven.py",
+    "test_sequence_parallel.py",
     "test_async_judging.py",
     "test_reliability.py",
     "test_transformers_serve.py",
