@@ -699,10 +699,11 @@ class LongContextDPOTrainer(DPOTrainer):
                 self.processing_tokenizer.pad_token_id,
                 pad_to_multiple_of=self.args.pad_to_multiple_of or 1,
                 attention="dense" if self.args.prompt_once_attention == "dense" else "split",
-                sp=self.sp,
+                # evaluation batches are each rank's own (not exchanged within the group): no sequence parallelism
+                sp=self.sp if model.training else None,
             )
             reason = None if packed is not None else "the rows of a pair do not share the same prompt"
-        if packed is None and self.sp is not None:
+        if packed is None and self.sp is not None and model.training:
             # every rank of the group holds the same batch: TRL's two rows on each would count it sp_size times
             raise RuntimeError(f"sp_size={self.args.sp_size}: this batch cannot run prompt-once because {reason}.")
         if packed is None:
