@@ -476,9 +476,10 @@ class LongContextDPOTrainer(DPOTrainer):
         batches, local = [], []
         for rows, step, extra in zip(window, steps, offline, strict=True):
             examples = step.online + extra
-            # keep this rank in DDP's collectives without pairs: a stand-in pair, weighted 0 and in no metric
-            first = step.samples[0][0]["completion_ids"]
-            stand_in = {"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}
+            stand_in = None
+            if not examples:  # keep this rank in DDP's collectives: a stand-in pair, weighted 0 and in no metric
+                first = step.samples[0][0]["completion_ids"]
+                stand_in = {"prompt_ids": rows[0]["prompt_ids"], "chosen_ids": first, "rejected_ids": first}
             # under sequence parallelism the group trains each of its ranks' pairs in turn, every rank a slice
             parts = [(examples, stand_in)] if self.sp is None else exchange_within_group(self.sp, (examples, stand_in))
             batches.append([])
