@@ -83,30 +83,17 @@ def _all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:
     return out
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """[B, H, L/S, D] (this rank's sequence slice, every head) -> [B, H/S, L, D] (its heads, the whole sequence)."""
+class _Exchange(torch.autograd.Function):
+    """One all-to-all layout change (`forward_fn`); its backward is the inverse change (`backward_fn`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallelGroup) -> torch.Tensor:
-        ctx.sp = sp
-        return _seq_to_heads(x, sp)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _heads_to_seq(grad, ctx.sp), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """The inverse of `_SeqToHeads`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sp: SequenceParallelGroup) -> torch.Tensor:
-        ctx.sp = sp
-        return _heads_to_seq(x, sp)
+    def forward(ctx, x: torch.Tensor, sp: SequenceParallelGroup, forward_fn, backward_fn) -> torch.Tensor:
+        ctx.sp, ctx.backward_fn = sp, backward_fn
+        return forward_fn(x, sp)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _seq_to_heads(grad, ctx.sp), None
+        return ctx.backward_fn(grad, ctx.sp), None, None, None
 
 
 def _seq_to_heads(x: torch.Tensor, sp: SequenceParallelGroup) -> torch.Tensor:
@@ -126,11 +113,13 @@ def _heads_to_seq(x: torch.Tensor, sp: SequenceParallelGroup) -> torch.Tensor:
 
 
 def seq_to_heads(x: torch.Tensor, sp: SequenceParallelGroup) -> torch.Tensor:
-    return _SeqToHeads.apply(x, sp)
+    """[B, H, L/S, D] (this rank's sequence slice, every head) -> [B, H/S, L, D] (its heads, the whole sequence)."""
+    return _Exchange.apply(x, sp, _seq_to_heads, _heads_to_seq)
 
 
 def heads_to_seq(x: torch.Tensor, sp: SequenceParallelGroup) -> torch.Tensor:
-    return _HeadsToSeq.apply(x, sp)
+    """The inverse of `seq_to_heads`."""
+    return _Exchange.apply(x, sp, _heads_to_seq, _seq_to_heads)
 
 
 class _GatherSequence(torch.autograd.Function):
